@@ -107,11 +107,21 @@ unsafe fn with_vector<R>(d: pg_sys::Datum, f: impl FnOnce(&[f32]) -> R) -> R {
     unsafe {
         let p = pg_sys::pg_detoast_datum(d.cast_mut_ptr());
         let total = varlena::varsize_4b(p);
-        let dims = if total >= datum::HEADER_BYTES { ((p as *const u8).add(4) as *const i16).read_unaligned() } else { -1 };
+        let dims = if total >= datum::HEADER_BYTES {
+            ((p as *const u8).add(4) as *const i16).read_unaligned()
+        } else {
+            -1
+        };
         if dims < 1 || total != datum::HEADER_BYTES + 4 * dims as usize {
-            crate::fmgr::error(PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, format!("not a valid pgvector vector: {total} bytes, {dims} dimensions"));
+            crate::fmgr::error(
+                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                format!("not a valid pgvector vector: {total} bytes, {dims} dimensions"),
+            );
         }
-        f(std::slice::from_raw_parts((p as *const u8).add(datum::HEADER_BYTES) as *const f32, dims as usize))
+        f(std::slice::from_raw_parts(
+            (p as *const u8).add(datum::HEADER_BYTES) as *const f32,
+            dims as usize,
+        ))
     }
 }
 

@@ -51,15 +51,19 @@ pub unsafe fn view<'a>(ptr: *const pg_sys::varlena) -> &'a [f32] {
         0
     };
     if total < HEADER_BYTES || total != HEADER_BYTES + 4 * dims || dims == 0 || dims > MAX_DIMS {
-        crate::fmgr::error(pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-            format!("corrupt embedding value: {total} bytes with a header of {dims} dimensions")
+        crate::fmgr::error(
+            pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+            format!("corrupt embedding value: {total} bytes with a header of {dims} dimensions"),
         );
     }
     // SAFETY: bounds checked above; alignment checked here (a 4-byte-header value is stored
     // int4-aligned, and palloc is MAXALIGNed).
     unsafe {
         let data = base.add(HEADER_BYTES);
-        assert!(data as usize % std::mem::align_of::<f32>() == 0, "misaligned embedding value");
+        assert!(
+            data as usize % std::mem::align_of::<f32>() == 0,
+            "misaligned embedding value"
+        );
         std::slice::from_raw_parts(data as *const f32, dims)
     }
 }
@@ -83,7 +87,11 @@ pub unsafe fn with<R>(datum: pg_sys::Datum, f: impl FnOnce(&[f32]) -> R) -> R {
     // SAFETY: the caller guarantees a valid varlena; pg_detoast_datum returns it unchanged when
     // it is already plain, else a palloc'd plain copy.
     unsafe {
-        let plain = if varlena::varatt_is_4b_u(raw) { raw } else { pg_sys::pg_detoast_datum(raw) };
+        let plain = if varlena::varatt_is_4b_u(raw) {
+            raw
+        } else {
+            pg_sys::pg_detoast_datum(raw)
+        };
         let result = f(view(plain));
         if plain != raw {
             pg_sys::pfree(plain.cast());

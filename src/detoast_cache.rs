@@ -61,14 +61,22 @@ unsafe fn cache_key<'a>(raw: *const pg_sys::varlena) -> Option<&'a [u8]> {
 ///
 /// # Safety
 /// `fcinfo` must be the current call's, with non-null `embedding` arguments `a` and `b`.
-pub unsafe fn with_args<R>(fcinfo: pg_sys::FunctionCallInfo, f: impl FnOnce(&[f32], &[f32]) -> R) -> R {
+pub unsafe fn with_args<R>(
+    fcinfo: pg_sys::FunctionCallInfo,
+    f: impl FnOnce(&[f32], &[f32]) -> R,
+) -> R {
     // SAFETY: guaranteed by the caller.
     let (da, db) = unsafe { (crate::fmgr::arg(fcinfo, 0), crate::fmgr::arg(fcinfo, 1)) };
     // SAFETY: both are valid embedding datums (caller).
     if unsafe { datum::is_plain(da) && datum::is_plain(db) } {
         // The common case of a sequential scan over inline values: no copies, no cache.
         // SAFETY: plain datums can be viewed in place for the duration of the call.
-        return unsafe { f(datum::view(da.cast_mut_ptr()), datum::view(db.cast_mut_ptr())) };
+        return unsafe {
+            f(
+                datum::view(da.cast_mut_ptr()),
+                datum::view(db.cast_mut_ptr()),
+            )
+        };
     }
     // SAFETY: fcinfo and its flinfo are valid for the call; the cache lives in fn_mcxt.
     unsafe {
@@ -102,25 +110,45 @@ unsafe fn resolve(fcinfo: pg_sys::FunctionCallInfo, slot_no: usize, d: pg_sys::D
     // this call site; everything cached is palloc'd in fn_mcxt, which outlives fn_extra.
     unsafe {
         if varlena::varatt_is_4b_u(raw) {
-            return Resolved { ptr: raw, temporary: false };
+            return Resolved {
+                ptr: raw,
+                temporary: false,
+            };
         }
         let flinfo = (*fcinfo).flinfo;
-        let key = if flinfo.is_null() { None } else { cache_key(raw) };
+        let key = if flinfo.is_null() {
+            None
+        } else {
+            cache_key(raw)
+        };
         let Some(key) = key else {
-            return Resolved { ptr: pg_sys::pg_detoast_datum(raw), temporary: true };
+            return Resolved {
+                ptr: pg_sys::pg_detoast_datum(raw),
+                temporary: true,
+            };
         };
         if (*flinfo).fn_extra.is_null() {
-            (*flinfo).fn_extra = pg_sys::MemoryContextAllocZero((*flinfo).fn_mcxt, std::mem::size_of::<Cache>());
+            (*flinfo).fn_extra =
+                pg_sys::MemoryContextAllocZero((*flinfo).fn_mcxt, std::mem::size_of::<Cache>());
         }
         let cache = &mut *((*flinfo).fn_extra as *mut Cache);
         let slot = &mut cache.slots[slot_no];
         if slot.disabled {
-            return Resolved { ptr: pg_sys::pg_detoast_datum(raw), temporary: true };
+            return Resolved {
+                ptr: pg_sys::pg_detoast_datum(raw),
+                temporary: true,
+            };
         }
-        if !slot.value.is_null() && slot.key_len == key.len() && std::slice::from_raw_parts(slot.key, slot.key_len) == key {
+        if !slot.value.is_null()
+            && slot.key_len == key.len()
+            && std::slice::from_raw_parts(slot.key, slot.key_len) == key
+        {
             slot.hits = slot.hits.saturating_add(1);
             slot.misses_in_a_row = 0;
-            return Resolved { ptr: slot.value, temporary: false };
+            return Resolved {
+                ptr: slot.value,
+                temporary: false,
+            };
         }
         slot.misses_in_a_row += 1;
         if slot.hits == 0 && slot.misses_in_a_row > MAX_MISSES_WITHOUT_HIT {
@@ -139,6 +167,9 @@ unsafe fn resolve(fcinfo: pg_sys::FunctionCallInfo, slot_no: usize, d: pg_sys::D
         slot.key = key_copy;
         slot.key_len = key.len();
         slot.value = value;
-        Resolved { ptr: value, temporary: false }
+        Resolved {
+            ptr: value,
+            temporary: false,
+        }
     }
 }

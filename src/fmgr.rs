@@ -49,8 +49,14 @@ pub fn error(code: PgSqlErrorCode, message: impl Into<String>) -> ! {
 }
 
 /// Raises a Postgres ERROR with a DETAIL line.
-pub fn error_detail(code: PgSqlErrorCode, message: impl Into<String>, detail: impl Into<String>) -> ! {
-    ErrorReport::new(code, message.into(), "rsclip").set_detail(detail.into()).report(PgLogLevel::ERROR);
+pub fn error_detail(
+    code: PgSqlErrorCode,
+    message: impl Into<String>,
+    detail: impl Into<String>,
+) -> ! {
+    ErrorReport::new(code, message.into(), "rsclip")
+        .set_detail(detail.into())
+        .report(PgLogLevel::ERROR);
     unreachable!("ERROR returned")
 }
 
@@ -62,7 +68,6 @@ pub unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> pg_sys::Datum {
     // SAFETY: guaranteed by the caller.
     unsafe { pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n) }
 }
-
 
 /// Argument `n` as an `int4` (a typmod, say).
 ///
@@ -108,7 +113,11 @@ pub fn bytea_datum(bytes: &[u8]) -> pg_sys::Datum {
     unsafe {
         let p = pg_sys::palloc(total) as *mut pg_sys::varlena;
         pgrx::varlena::set_varsize_4b(p, total as i32);
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), (p as *mut u8).add(pg_sys::VARHDRSZ), bytes.len());
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            (p as *mut u8).add(pg_sys::VARHDRSZ),
+            bytes.len(),
+        );
         pg_sys::Datum::from(p)
     }
 }

@@ -9,8 +9,9 @@ use std::ffi::CStr;
 /// Raises the error for a value whose dimension count differs from the column's `embedding(n)`.
 pub fn check_typmod(dims: usize, typmod: i32) {
     if typmod >= 0 && dims != typmod as usize {
-        crate::fmgr::error(PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
-            format!("expected {typmod} dimensions, not {dims}")
+        crate::fmgr::error(
+            PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
+            format!("expected {typmod} dimensions, not {dims}"),
         );
     }
 }

@@ -12,10 +12,26 @@ mod fmgr;
 mod io;
 mod operators;
 
-pgrx::extension_sql_file!("../sql/embedding_type.sql", name = "embedding_type", bootstrap);
-pgrx::extension_sql_file!("../sql/casts.sql", name = "casts", requires = ["embedding_type"]);
-pgrx::extension_sql_file!("../sql/operators.sql", name = "operators", requires = ["casts"]);
-pgrx::extension_sql_file!("../sql/pgvector_casts.sql", name = "pgvector_casts", requires = ["operators"]);
+pgrx::extension_sql_file!(
+    "../sql/embedding_type.sql",
+    name = "embedding_type",
+    bootstrap
+);
+pgrx::extension_sql_file!(
+    "../sql/casts.sql",
+    name = "casts",
+    requires = ["embedding_type"]
+);
+pgrx::extension_sql_file!(
+    "../sql/operators.sql",
+    name = "operators",
+    requires = ["casts"]
+);
+pgrx::extension_sql_file!(
+    "../sql/pgvector_casts.sql",
+    name = "pgvector_casts",
+    requires = ["operators"]
+);
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;

@@ -8,8 +8,9 @@ use rsclip_core::distance;
 
 fn check_same_dims(a: &[f32], b: &[f32]) {
     if a.len() != b.len() {
-        crate::fmgr::error(PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
-            format!("different embedding dimensions {} and {}", a.len(), b.len())
+        crate::fmgr::error(
+            PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
+            format!("different embedding dimensions {} and {}", a.len(), b.len()),
         );
     }
 }

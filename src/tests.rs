@@ -1,1 +1,371 @@
-#[cfg(test)] mod x {}
+//! In-transaction SQL behaviour (`cargo pgrx test`). What a single transaction cannot show
+//! (COPY BINARY across sessions, dump/restore, agreement with pgvector) is in tests/integration.
+
+use pgrx::prelude::*;
+
+/// Runs `sql` in a subtransaction and returns "ok" or "SQLSTATE: message".
+fn outcome(sql: &str) -> String {
+    Spi::run(
+        "CREATE OR REPLACE FUNCTION pg_temp.outcome(q text) RETURNS text LANGUAGE plpgsql AS $$
+         DECLARE detail text;
+         BEGIN EXECUTE q; RETURN 'ok';
+         EXCEPTION WHEN OTHERS THEN
+             GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL;
+             RETURN SQLSTATE || ': ' || SQLERRM || coalesce(' DETAIL: ' || nullif(detail, ''), ''); END $$",
+    )
+    .unwrap();
+    Spi::get_one_with_args::<String>("SELECT pg_temp.outcome($1)", &[sql.into()])
+        .unwrap()
+        .unwrap()
+}
+
+fn text(sql: &str) -> String {
+    Spi::get_one::<String>(sql).unwrap().unwrap()
+}
+
+fn float(sql: &str) -> f64 {
+    Spi::get_one::<f64>(sql).unwrap().unwrap()
+}
+
+fn assert_error(sql: &str, sqlstate: &str, needle: &str) {
+    let got = outcome(sql);
+    assert!(
+        got.starts_with(sqlstate),
+        "{sql}: expected SQLSTATE {sqlstate}, got {got}"
+    );
+    assert!(
+        got.contains(needle),
+        "{sql}: expected message containing {needle:?}, got {got}"
+    );
+}
+
+#[pg_schema]
+mod tests {
+    use super::*;
+
+    #[pg_test]
+    fn text_round_trip_and_format() {
+        assert_eq!(
+            text("SELECT '[1,2.5,-3e-2]'::embedding::text"),
+            "[1,2.5,-0.03]"
+        );
+        assert_eq!(
+            text("SELECT E' \\t[ 1 ,2\\n, 3 ] '::embedding::text"),
+            "[1,2,3]"
+        );
+        assert_eq!(
+            text("SELECT '[0.00001,1e6,-0,3.4028235e38]'::embedding::text"),
+            "[1e-05,1e+06,-0,3.4028235e+38]"
+        );
+        assert_eq!(text("SELECT '[0.1]'::embedding::text"), "[0.1]");
+        // Output matches float4's own spelling, element by element.
+        let same: bool = Spi::get_one(
+            "SELECT bool_and(format('[%s]', x::float4::text)::embedding::text = format('[%s]', x::float4::text))
+               FROM (SELECT (random() - 0.5) * 10 ^ (random() * 60 - 30) AS x FROM generate_series(1, 20000)) s",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(same);
+    }
+
+    #[pg_test]
+    fn bad_text_input_is_22p02_with_the_text() {
+        for bad in [
+            "[1,2", "[]", "[1,,2]", "[a]", "[1e999]", "[NaN]", "1,2]", "", "[1,2]x", "[inf]",
+        ] {
+            assert_error(
+                &format!("SELECT '{bad}'::embedding"),
+                "22P02",
+                &format!("\"{bad}\""),
+            );
+        }
+        let too_many = format!("[{}]", vec!["1"; 16001].join(","));
+        assert_error(
+            &format!("SELECT '{too_many}'::embedding"),
+            "22P02",
+            "more than 16000 dimensions",
+        );
+        let max = format!("[{}]", vec!["1"; 16000].join(","));
+        assert_eq!(
+            Spi::get_one::<i32>(&format!("SELECT embedding_dims('{max}')")).unwrap(),
+            Some(16000)
+        );
+    }
+
+    #[pg_test]
+    fn typmod_is_enforced_everywhere() {
+        Spi::run("CREATE TABLE t (id int, e embedding(3))").unwrap();
+        assert_eq!(text("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'e'"), "embedding(3)");
+        Spi::run("INSERT INTO t VALUES (1, '[1,2,3]')").unwrap();
+        assert_error(
+            "INSERT INTO t VALUES (2, '[1,2]')",
+            "22000",
+            "expected 3 dimensions, not 2",
+        );
+        assert_error(
+            "UPDATE t SET e = '[1,2,3,4]'::embedding",
+            "22000",
+            "expected 3 dimensions, not 4",
+        );
+        assert_error(
+            "INSERT INTO t VALUES (3, ARRAY[1,2]::real[])",
+            "22000",
+            "expected 3 dimensions, not 2",
+        );
+        assert_error(
+            "SELECT '[1,2]'::embedding::embedding(3)",
+            "22000",
+            "expected 3 dimensions, not 2",
+        );
+        assert_error(
+            "SELECT '[1,2]'::embedding(3)",
+            "22000",
+            "expected 3 dimensions, not 2",
+        );
+        assert_error("CREATE TABLE bad (e embedding(0))", "22023", "at least 1");
+        assert_error(
+            "CREATE TABLE bad (e embedding(16001))",
+            "22023",
+            "cannot exceed 16000",
+        );
+        assert_error(
+            "CREATE TABLE bad (e embedding(2, 3))",
+            "22023",
+            "invalid type modifier",
+        );
+        assert_eq!(text("SELECT e::text FROM t"), "[1,2,3]");
+    }
+
+    #[pg_test]
+    fn casts_from_and_to_arrays() {
+        assert_eq!(
+            text("SELECT ARRAY[1.5, 2]::real[]::embedding::text"),
+            "[1.5,2]"
+        );
+        assert_eq!(
+            text("SELECT ARRAY[1.5, 2]::float8[]::embedding::text"),
+            "[1.5,2]"
+        );
+        assert_eq!(
+            text("SELECT ARRAY[1, -2]::int[]::embedding::text"),
+            "[1,-2]"
+        );
+        assert_eq!(
+            text("SELECT ARRAY[1.25, 2]::numeric[]::embedding::text"),
+            "[1.25,2]"
+        );
+        assert_eq!(text("SELECT '[1,2.5]'::embedding::real[]::text"), "{1,2.5}");
+        assert_error(
+            "SELECT ARRAY[1, NULL]::real[]::embedding",
+            "22004",
+            "element 2 is NULL",
+        );
+        assert_error(
+            "SELECT ARRAY[]::real[]::embedding",
+            "22000",
+            "at least 1 dimension",
+        );
+        assert_error(
+            "SELECT ARRAY[[1,2],[3,4]]::real[]::embedding",
+            "22000",
+            "one-dimensional",
+        );
+        assert_error(
+            "SELECT ARRAY[1e300]::float8[]::embedding",
+            "22003",
+            "element 1",
+        );
+        assert_error(
+            "SELECT ARRAY['NaN']::float8[]::embedding",
+            "22003",
+            "element 1",
+        );
+        assert_error(
+            "SELECT ARRAY['Infinity']::real[]::embedding",
+            "22003",
+            "element 1",
+        );
+        assert_error("SELECT ARRAY[1e300]::numeric[]::embedding", "22003", "");
+    }
+
+    #[pg_test]
+    fn distances_and_functions() {
+        assert_eq!(float("SELECT '[3,4]'::embedding <#> '[1,0]'"), -3.0);
+        assert_eq!(float("SELECT rsclip_score('[3,4]', '[1,2]')"), 11.0);
+        assert_eq!(float("SELECT '[3,4]'::embedding <-> '[0,0]'"), 5.0);
+        assert!((float("SELECT '[1,0]'::embedding <=> '[0,1]'") - 1.0).abs() < 1e-12);
+        assert!((float("SELECT '[1,1]'::embedding <=> '[-2,-2]'") - 2.0).abs() < 1e-12);
+        assert!(float("SELECT '[0,0]'::embedding <=> '[1,1]'").is_nan());
+        assert_eq!(
+            Spi::get_one::<i32>("SELECT embedding_dims('[1,2,3]')").unwrap(),
+            Some(3)
+        );
+        assert_eq!(float("SELECT embedding_norm('[3,4]')"), 5.0);
+        assert_eq!(text("SELECT rsclip_normalize('[3,4]')::text"), "[0.6,0.8]");
+        assert_eq!(text("SELECT rsclip_normalize('[0,0]')::text"), "[0,0]");
+        assert!(
+            (float("SELECT embedding_norm(rsclip_normalize('[1,2,3,4,5,6,7,8,9]'))") - 1.0).abs()
+                < 1e-6
+        );
+        for op in ["<#>", "<=>", "<->"] {
+            assert_error(
+                &format!("SELECT '[1,2]'::embedding {op} '[1,2,3]'"),
+                "22000",
+                "different embedding dimensions 2 and 3",
+            );
+        }
+        assert_error(
+            "SELECT rsclip_score('[1,2]', '[1]')",
+            "22000",
+            "different embedding dimensions",
+        );
+        // NULL in, NULL out.
+        assert_eq!(
+            Spi::get_one::<f64>("SELECT NULL::embedding <#> '[1]'").unwrap(),
+            None
+        );
+    }
+
+    #[pg_test]
+    fn equality_btree_and_hash() {
+        Spi::run("CREATE TABLE e (v embedding)").unwrap();
+        Spi::run("INSERT INTO e VALUES ('[1,2]'), ('[1,2]'), ('[1,2,0]'), ('[0,5]'), ('[-0,5]'), ('[1,3]')").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(DISTINCT v) FROM e").unwrap(),
+            Some(4)
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM (SELECT v FROM e GROUP BY v) g").unwrap(),
+            Some(4)
+        );
+        Spi::run("SET enable_sort = off").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM (SELECT v FROM e GROUP BY v) g").unwrap(),
+            Some(4)
+        );
+        Spi::run("RESET enable_sort").unwrap();
+        // -0 and 0 are equal, so they sort together; compare after folding the sign of zero.
+        assert_eq!(
+            text("SELECT string_agg(replace(v::text, '-0', '0'), ' ' ORDER BY v) FROM e"),
+            "[0,5] [0,5] [1,2] [1,2] [1,2,0] [1,3]"
+        );
+        assert!(Spi::get_one::<bool>("SELECT '[0,5]'::embedding = '[-0,5]'")
+            .unwrap()
+            .unwrap());
+        assert!(
+            Spi::get_one::<bool>("SELECT '[1,2]'::embedding < '[1,2,0]'")
+                .unwrap()
+                .unwrap()
+        );
+        assert!(Spi::get_one::<bool>("SELECT '[1,2]'::embedding <> '[1,3]'")
+            .unwrap()
+            .unwrap());
+        Spi::run("CREATE TABLE u (v embedding UNIQUE)").unwrap();
+        Spi::run("INSERT INTO u VALUES ('[1,2]')").unwrap();
+        assert_error("INSERT INTO u VALUES ('[1,2]')", "23505", "duplicate key");
+        Spi::run("CREATE INDEX ON e USING hash (v)").unwrap();
+        Spi::run("SET enable_seqscan = off").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM e WHERE v = '[-0,5]'").unwrap(),
+            Some(2)
+        );
+    }
+
+    #[pg_test]
+    fn binary_send_matches_pgvector_layout() {
+        assert_eq!(
+            text("SELECT embedding_send('[1,-2]')::text"),
+            "\\x000200003f800000c0000000"
+        );
+    }
+
+    /// Values of CLIP-sized embeddings stay inline (no TOAST), so scans read them in place.
+    #[pg_test]
+    fn clip_sized_values_are_stored_inline() {
+        assert_eq!(
+            text("SELECT typstorage::text FROM pg_type WHERE typname = 'embedding'"),
+            "m"
+        );
+        Spi::run("CREATE TABLE tiles (id int, emb embedding(1024))").unwrap();
+        Spi::run("INSERT INTO tiles SELECT i, (SELECT array_agg(random())::real[] FROM generate_series(1, 1024) WHERE i > 0) FROM generate_series(1, 200) i").unwrap();
+        let toast_bytes = Spi::get_one::<i64>(
+            "SELECT pg_relation_size(reltoastrelid) FROM pg_class WHERE relname = 'tiles'",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            toast_bytes, 0,
+            "1024-dim embeddings must not be moved to TOAST"
+        );
+    }
+
+    /// A TOASTed query vector is fetched once per scan, not once per row.
+    #[pg_test]
+    fn toasted_query_is_detoasted_once_per_scan() {
+        Spi::run("CREATE TABLE q (v embedding)").unwrap();
+        Spi::run("ALTER TABLE q ALTER v SET STORAGE external").unwrap();
+        Spi::run("INSERT INTO q SELECT (SELECT array_agg(random())::real[] FROM generate_series(1, 768))").unwrap();
+        Spi::run("CREATE TABLE rows (id int, emb embedding(768))").unwrap();
+        Spi::run("INSERT INTO rows SELECT i, (SELECT array_agg(random())::real[] FROM generate_series(1, 768) WHERE i > 0) FROM generate_series(1, 3000) i").unwrap();
+        let toast = text("SELECT reltoastrelid::regclass::text FROM pg_class WHERE relname = 'q'");
+        assert!(
+            Spi::get_one::<i64>(&format!("SELECT count(*) FROM {toast}"))
+                .unwrap()
+                .unwrap()
+                >= 2,
+            "the query vector must really be out of line"
+        );
+        let fetched = |sql: &str| {
+            Spi::get_one::<i64>(&format!(
+                "SELECT pg_stat_get_xact_blocks_fetched('{toast}'::regclass)"
+            ))
+            .unwrap()
+            .unwrap()
+                + 0 * sql.len() as i64
+        };
+        let before = fetched("");
+        let ids = text("SELECT string_agg(id::text, ',') FROM (SELECT id FROM rows ORDER BY emb <#> (SELECT v FROM q) LIMIT 5) s");
+        let after = fetched("");
+        assert_eq!(ids.split(',').count(), 5);
+        assert!(
+            after - before < 50,
+            "query vector TOAST blocks fetched {} times for 3000 rows",
+            after - before
+        );
+        // The cached copy gives the same answer as a fresh detoast per row would.
+        let direct = text("SELECT string_agg(id::text, ',') FROM (SELECT id FROM rows ORDER BY emb <#> (SELECT v::text::embedding FROM q) LIMIT 5) s");
+        assert_eq!(ids, direct);
+    }
+
+    #[pg_test]
+    fn pgvector_casts_when_available() {
+        let available = Spi::get_one::<bool>(
+            "SELECT count(*) > 0 FROM pg_available_extensions WHERE name = 'vector'",
+        )
+        .unwrap()
+        .unwrap();
+        if !available {
+            assert_eq!(
+                Spi::get_one::<bool>("SELECT rsclip_create_vector_casts()").unwrap(),
+                Some(false)
+            );
+            return;
+        }
+        Spi::run("CREATE EXTENSION IF NOT EXISTS vector").unwrap();
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT rsclip_create_vector_casts()").unwrap(),
+            Some(true)
+        );
+        assert_eq!(text("SELECT '[1,2.5]'::vector::embedding::text"), "[1,2.5]");
+        assert_eq!(text("SELECT '[1,2.5]'::embedding::vector::text"), "[1,2.5]");
+        assert_error(
+            "SELECT '[1,2.5]'::vector::embedding(3)",
+            "22000",
+            "expected 3 dimensions, not 2",
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT rsclip_create_vector_casts()").unwrap(),
+            Some(true)
+        );
+    }
+}

@@ -11,8 +11,13 @@ pub enum DecodeError {
     Shape(ShapeError),
     ReservedNotZero(u16),
     /// The header's dimension count does not match the bytes that follow it.
-    LengthMismatch { dims: usize, payload_bytes: usize },
-    NotFinite { index: usize },
+    LengthMismatch {
+        dims: usize,
+        payload_bytes: usize,
+    },
+    NotFinite {
+        index: usize,
+    },
 }
 
 impl fmt::Display for DecodeError {
@@ -52,7 +57,10 @@ pub fn decode(buf: &[u8]) -> Result<Vec<f32>, DecodeError> {
     }
     let payload = &buf[HEADER_BYTES..];
     if payload.len() != dims * 4 {
-        return Err(DecodeError::LengthMismatch { dims, payload_bytes: payload.len() });
+        return Err(DecodeError::LengthMismatch {
+            dims,
+            payload_bytes: payload.len(),
+        });
     }
     let mut out = Vec::with_capacity(dims);
     for (index, chunk) in payload.chunks_exact(4).enumerate() {
@@ -93,19 +101,31 @@ mod tests {
     #[test]
     fn lying_headers_are_rejected() {
         assert_eq!(decode(&[0, 1]), Err(DecodeError::TruncatedHeader(2)));
-        assert_eq!(decode(&[0, 0, 0, 0]), Err(DecodeError::Shape(ShapeError::Empty)));
+        assert_eq!(
+            decode(&[0, 0, 0, 0]),
+            Err(DecodeError::Shape(ShapeError::Empty))
+        );
         // Claims 3 dimensions, carries 1.
         assert_eq!(
             decode(&[0, 3, 0, 0, 0x3f, 0x80, 0, 0]),
-            Err(DecodeError::LengthMismatch { dims: 3, payload_bytes: 4 })
+            Err(DecodeError::LengthMismatch {
+                dims: 3,
+                payload_bytes: 4
+            })
         );
         // Claims 1, carries 2.
-        assert!(matches!(decode(&[0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), Err(DecodeError::LengthMismatch { .. })));
+        assert!(matches!(
+            decode(&[0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(DecodeError::LengthMismatch { .. })
+        ));
         assert_eq!(
             decode(&[0xff, 0xff, 0, 0]),
             Err(DecodeError::Shape(ShapeError::TooManyDims(65535)))
         );
-        assert_eq!(decode(&[0, 1, 0, 1, 0, 0, 0, 0]), Err(DecodeError::ReservedNotZero(1)));
+        assert_eq!(
+            decode(&[0, 1, 0, 1, 0, 0, 0, 0]),
+            Err(DecodeError::ReservedNotZero(1))
+        );
         let nan = f32::NAN.to_be_bytes();
         assert_eq!(
             decode(&[0, 1, 0, 0, nan[0], nan[1], nan[2], nan[3]]),

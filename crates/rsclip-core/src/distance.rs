@@ -36,7 +36,8 @@ pub fn available() -> Vec<Kernels> {
     let mut all = vec![SCALAR];
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             all.push(x86::AVX2);
         }
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -141,7 +142,11 @@ pub mod scalar {
             na[i] += x * x;
             nb[i] += y * y;
         }
-        CosineParts { dot: hsum(d), norm_a_sq: hsum(na), norm_b_sq: hsum(nb) }
+        CosineParts {
+            dot: hsum(d),
+            norm_a_sq: hsum(na),
+            norm_b_sq: hsum(nb),
+        }
     }
 }
 
@@ -228,7 +233,11 @@ pub mod x86 {
                     i += 32;
                 }
                 while i + 8 <= n {
-                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+                    acc[0] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(i)),
+                        _mm256_loadu_ps(pb.add(i)),
+                        acc[0],
+                    );
                     i += 8;
                 }
             }
@@ -252,7 +261,10 @@ pub mod x86 {
             unsafe {
                 while i + 32 <= n {
                     for (k, acc) in acc.iter_mut().enumerate() {
-                        let d = _mm256_sub_ps(_mm256_loadu_ps(pa.add(i + 8 * k)), _mm256_loadu_ps(pb.add(i + 8 * k)));
+                        let d = _mm256_sub_ps(
+                            _mm256_loadu_ps(pa.add(i + 8 * k)),
+                            _mm256_loadu_ps(pb.add(i + 8 * k)),
+                        );
                         *acc = _mm256_fmadd_ps(d, d, *acc);
                     }
                     i += 32;
@@ -278,7 +290,11 @@ pub mod x86 {
         pub unsafe fn cosine_parts(a: &[f32], b: &[f32]) -> CosineParts {
             let n = a.len().min(b.len());
             let (pa, pb) = (a.as_ptr(), b.as_ptr());
-            let (mut d, mut na, mut nb) = ([_mm256_setzero_ps(); 2], [_mm256_setzero_ps(); 2], [_mm256_setzero_ps(); 2]);
+            let (mut d, mut na, mut nb) = (
+                [_mm256_setzero_ps(); 2],
+                [_mm256_setzero_ps(); 2],
+                [_mm256_setzero_ps(); 2],
+            );
             let mut i = 0;
             // SAFETY (all loads below): every offset i..i+8 read is < n, within both slices.
             unsafe {
@@ -311,7 +327,11 @@ pub mod x86 {
                 ta += (a[j] * a[j]) as f64;
                 tb += (b[j] * b[j]) as f64;
             }
-            CosineParts { dot: td as f32, norm_a_sq: ta as f32, norm_b_sq: tb as f32 }
+            CosineParts {
+                dot: td as f32,
+                norm_a_sq: ta as f32,
+                norm_b_sq: tb as f32,
+            }
         }
     }
 
@@ -352,7 +372,11 @@ pub mod x86 {
                     i += 64;
                 }
                 while i + 16 <= n {
-                    acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc[0]);
+                    acc[0] = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(pa.add(i)),
+                        _mm512_loadu_ps(pb.add(i)),
+                        acc[0],
+                    );
                     i += 16;
                 }
                 if i < n {
@@ -378,7 +402,10 @@ pub mod x86 {
             unsafe {
                 while i + 64 <= n {
                     for (k, acc) in acc.iter_mut().enumerate() {
-                        let d = _mm512_sub_ps(_mm512_loadu_ps(pa.add(i + 16 * k)), _mm512_loadu_ps(pb.add(i + 16 * k)));
+                        let d = _mm512_sub_ps(
+                            _mm512_loadu_ps(pa.add(i + 16 * k)),
+                            _mm512_loadu_ps(pb.add(i + 16 * k)),
+                        );
                         *acc = _mm512_fmadd_ps(d, d, *acc);
                     }
                     i += 64;
@@ -390,7 +417,10 @@ pub mod x86 {
                 }
                 if i < n {
                     let m = tail_mask(n - i);
-                    let d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, pa.add(i)), _mm512_maskz_loadu_ps(m, pb.add(i)));
+                    let d = _mm512_sub_ps(
+                        _mm512_maskz_loadu_ps(m, pa.add(i)),
+                        _mm512_maskz_loadu_ps(m, pb.add(i)),
+                    );
                     acc[1] = _mm512_fmadd_ps(d, d, acc[1]);
                 }
             }
@@ -404,7 +434,11 @@ pub mod x86 {
         pub unsafe fn cosine_parts(a: &[f32], b: &[f32]) -> CosineParts {
             let n = a.len().min(b.len());
             let (pa, pb) = (a.as_ptr(), b.as_ptr());
-            let (mut d, mut na, mut nb) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+            let (mut d, mut na, mut nb) = (
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+            );
             let mut i = 0;
             // SAFETY: as in dot.
             unsafe {
@@ -425,7 +459,11 @@ pub mod x86 {
                     nb = _mm512_fmadd_ps(y, y, nb);
                 }
             }
-            CosineParts { dot: hsum512(d) as f32, norm_a_sq: hsum512(na) as f32, norm_b_sq: hsum512(nb) as f32 }
+            CosineParts {
+                dot: hsum512(d) as f32,
+                norm_a_sq: hsum512(na) as f32,
+                norm_b_sq: hsum512(nb) as f32,
+            }
         }
     }
 }
@@ -450,10 +488,14 @@ mod tests {
     }
 
     fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -465,7 +507,13 @@ mod tests {
     fn simd_kernels_match_scalar_at_all_lengths() {
         let all = available();
         #[cfg(target_arch = "x86_64")]
-        for (name, present) in [("avx2+fma", is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")), ("avx512f", is_x86_feature_detected!("avx512f"))] {
+        for (name, present) in [
+            (
+                "avx2+fma",
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            ),
+            ("avx512f", is_x86_feature_detected!("avx512f")),
+        ] {
             if !present {
                 eprintln!("NOTE: this CPU cannot run the {name} kernels; they are not exercised on this machine");
             }
@@ -478,13 +526,29 @@ mod tests {
                 let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum();
                 let scale = (na * nb).sqrt() + na + nb;
                 let want_dot = reference_dot(&a, &b);
-                let want_l2: f64 = a.iter().zip(&b).map(|(x, y)| ((*x - *y) as f64).powi(2)).sum();
+                let want_l2: f64 = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| ((*x - *y) as f64).powi(2))
+                    .sum();
                 let got = (k.dot)(&a, &b);
-                assert!(close(got, want_dot, scale), "{} dot n={n}: {got} vs {want_dot}", k.name);
+                assert!(
+                    close(got, want_dot, scale),
+                    "{} dot n={n}: {got} vs {want_dot}",
+                    k.name
+                );
                 let scalar = (SCALAR.dot)(&a, &b);
-                assert!(close(got, scalar as f64, scale), "{} vs scalar dot n={n}", k.name);
+                assert!(
+                    close(got, scalar as f64, scale),
+                    "{} vs scalar dot n={n}",
+                    k.name
+                );
                 let got = (k.l2_squared)(&a, &b);
-                assert!(close(got, want_l2, scale), "{} l2 n={n}: {got} vs {want_l2}", k.name);
+                assert!(
+                    close(got, want_l2, scale),
+                    "{} l2 n={n}: {got} vs {want_l2}",
+                    k.name
+                );
                 let p = (k.cosine_parts)(&a, &b);
                 assert!(close(p.dot, want_dot, scale), "{} cos.dot n={n}", k.name);
                 assert!(close(p.norm_a_sq, na, scale), "{} cos.na n={n}", k.name);

@@ -24,7 +24,10 @@ impl std::fmt::Display for ShapeError {
         match self {
             ShapeError::Empty => write!(f, "embedding must have at least 1 dimension"),
             ShapeError::TooManyDims(n) => {
-                write!(f, "embedding cannot have more than {MAX_DIMS} dimensions, got {n}")
+                write!(
+                    f,
+                    "embedding cannot have more than {MAX_DIMS} dimensions, got {n}"
+                )
             }
         }
     }

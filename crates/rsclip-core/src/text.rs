@@ -35,7 +35,9 @@ impl fmt::Display for ParseError {
             ParseError::Empty => write!(f, "embedding must have at least 1 dimension"),
             ParseError::EmptyElement(i) => write!(f, "element {i} is empty"),
             ParseError::InvalidNumber(t) => write!(f, "\"{t}\" is not a number"),
-            ParseError::NotFinite(t) => write!(f, "\"{t}\" is not finite: NaN and infinity are not allowed"),
+            ParseError::NotFinite(t) => {
+                write!(f, "\"{t}\" is not finite: NaN and infinity are not allowed")
+            }
             ParseError::OutOfRange(t) => write!(f, "\"{t}\" is out of range for type real"),
             ParseError::TooManyDims => {
                 write!(f, "embedding cannot have more than {MAX_DIMS} dimensions")
@@ -174,12 +176,20 @@ pub fn write_float(v: f32, out: &mut String) {
     }
     if !v.is_finite() {
         // Embeddings never hold these, but keep the function total.
-        let _ = write!(out, "{}", if v.is_nan() { "NaN" } else if v > 0.0 { "Infinity" } else { "-Infinity" });
+        let _ = write!(
+            out,
+            "{}",
+            if v.is_nan() {
+                "NaN"
+            } else if v > 0.0 {
+                "Infinity"
+            } else {
+                "-Infinity"
+            }
+        );
         return;
     }
-    // `{:e}` yields the shortest round-trip digits: "-1.2345e-5".
-    let mut sci = String::with_capacity(24);
-    let _ = write!(sci, "{v:e}");
+    let sci = shortest_scientific(v);
     let (mantissa, exp) = sci.split_once('e').expect("{:e} always has an exponent");
     let exp: i32 = exp.parse().expect("{:e} exponent is an integer");
     let (negative, mantissa) = match mantissa.strip_prefix('-') {
@@ -214,6 +224,69 @@ pub fn write_float(v: f32, out: &mut String) {
         }
         let _ = write!(out, "e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
     }
+}
+
+/// Whether the decimal `s` lies exactly halfway between `v` and a neighbouring `f32`. Such a
+/// string reads back as `v` only through round-half-even; PostgreSQL's Ryu-based `float4out`
+/// does not accept those bounds and prints a longer string instead, and so do we.
+fn is_halfway(v: f32, s: &str) -> bool {
+    let Ok(d) = s.parse::<f64>() else {
+        return false;
+    };
+    let a = v.abs();
+    let d = d.abs();
+    let here = a as f64;
+    if d == here {
+        return false;
+    }
+    let up = f32::from_bits(a.to_bits() + 1);
+    let down = if a.to_bits() == 0 {
+        0.0
+    } else {
+        f32::from_bits(a.to_bits() - 1)
+    };
+    // Both midpoints are exact in f64 (f32 has 24 significant bits).
+    (up.is_finite() && d == (here + up as f64) / 2.0) || d == (here + down as f64) / 2.0
+}
+
+/// Shortest scientific spelling ("-1.2345e-5") that reads back as `v`, chosen as PostgreSQL's
+/// Ryu-based `float4out` chooses: the fewest digits that identify `v` without relying on a
+/// round-half-even tie, and among those the decimal nearest to `v` (ties to even).
+fn shortest_scientific(v: f32) -> String {
+    use std::fmt::Write;
+    let mut sci = String::with_capacity(24);
+    // Grisu/Dragon shortest: gives the minimal digit count, though it may pick a different
+    // neighbour than Ryu when two are equally near, or rely on a tie.
+    let _ = write!(sci, "{v:e}");
+    let digits = sci
+        .split('e')
+        .next()
+        .unwrap_or("")
+        .chars()
+        .filter(char::is_ascii_digit)
+        .count();
+    for significant in digits.max(1)..=9 {
+        sci.clear();
+        // `{:.Ne}` rounds the exact binary value to N digits after the point, ties to even.
+        let _ = write!(sci, "{v:.prec$e}", prec = significant - 1);
+        let candidate = trim_mantissa_zeros(&sci);
+        if candidate.parse::<f32>().ok() == Some(v) && !is_halfway(v, &candidate) {
+            return candidate;
+        }
+    }
+    sci.clear();
+    let _ = write!(sci, "{v:.8e}");
+    trim_mantissa_zeros(&sci)
+}
+
+fn trim_mantissa_zeros(sci: &str) -> String {
+    let (m, e) = sci.split_once('e').unwrap_or((sci, "0"));
+    let m = if m.contains('.') {
+        m.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        m
+    };
+    format!("{m}e{e}")
 }
 
 /// The text form of a whole embedding.
@@ -262,7 +335,10 @@ mod tests {
         assert_eq!(p("[1e]"), Err(ParseError::InvalidNumber("1e".into())));
         assert_eq!(p("[1e999]"), Err(ParseError::OutOfRange("1e999".into())));
         assert_eq!(p("[NaN]"), Err(ParseError::NotFinite("NaN".into())));
-        assert_eq!(p("[-Infinity]"), Err(ParseError::NotFinite("-Infinity".into())));
+        assert_eq!(
+            p("[-Infinity]"),
+            Err(ParseError::NotFinite("-Infinity".into()))
+        );
         assert_eq!(p("[1]]"), Err(ParseError::InvalidNumber("1]".into())));
         assert_eq!(p("[1] x"), Err(ParseError::MissingCloseBracket));
         let too_many = format!("[{}]", vec!["1"; MAX_DIMS + 1].join(","));
@@ -292,6 +368,10 @@ mod tests {
             (0.0, "0"),
             (-0.0, "-0"),
             (1.0 / 3.0, "0.33333334"),
+            // Halfway cases: PostgreSQL prints the longer, tie-free form.
+            (-2.1989619e+08, "-2.1989619e+08"),
+            (3.0961182e+06, "3.0961182e+06"),
+            (1.15327376e+08, "1.15327376e+08"),
         ];
         for (v, want) in cases {
             let mut s = String::new();

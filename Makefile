@@ -1,0 +1,69 @@
+# rsclip: every workflow is one make target. `make demo` runs the main job, `make test` all tests.
+# PG selects the PostgreSQL major version: 18 (default, primary) or 15.
+PG ?= 18
+SHELL := /bin/bash
+ENV := source tools/env.sh &&
+PY := $(ENV) "$$RSCLIP_VENV/bin/python"
+ITEST_PORT := $(shell echo $$((55400 + $(PG))))
+FUZZ_SECONDS ?= 30
+
+.PHONY: setup build install lint unit pgtest itest test server stop demo bench fuzz clean
+
+setup:
+	@bash tools/setup.sh
+
+build: setup
+	@$(ENV) cargo build --features pg$(PG) --no-default-features
+
+# Release build installed into the chosen server's own directories (the embedded PG18 or the
+# private PG15 copy), never into /usr.
+install: setup
+	@$(ENV) cargo pgrx install --release --pg-config "$$(rsclip_pg_config $(PG))" --features pg$(PG) --no-default-features >/dev/null
+	@echo "installed rsclip into PostgreSQL $(PG)"
+
+lint: setup
+	@$(ENV) cargo fmt --all -- --check
+	@$(ENV) cargo clippy --all-targets --features pg$(PG) --no-default-features -- -D warnings
+	@$(ENV) cargo clippy -p rsclip-core --all-targets -- -D warnings
+
+unit: setup
+	@$(ENV) cargo test -p rsclip-core
+
+pgtest: setup
+	@$(ENV) mkdir -p "$$RSCLIP_LOCAL/pgrx-test" && { [ "$$(id -u)" != 0 ] || chown "$$PG_USER" "$$RSCLIP_LOCAL/pgrx-test"; } && \
+	  CARGO_PGRX_TEST_RUNAS=$$( [ "$$(id -u)" = 0 ] && echo "$$PG_USER" ) \
+	  CARGO_PGRX_TEST_PGDATA="$$RSCLIP_LOCAL/pgrx-test/data-$(PG)" \
+	  cargo pgrx test pg$(PG)
+
+# Integration tests against a real running server (its own cluster, port 554xx).
+itest: install
+	@$(PY) tools/cluster.py start --pg $(PG) --name itest --port $(ITEST_PORT) >/dev/null
+	@$(ENV) RSCLIP_TEST_URI="postgresql://postgres@127.0.0.1:$(ITEST_PORT)/postgres" RSCLIP_TEST_PG=$(PG) \
+	  "$$RSCLIP_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/integration; rc=$$?; \
+	  "$$RSCLIP_VENV/bin/python" tools/cluster.py stop --pg $(PG) --name itest >/dev/null; exit $$rc
+
+test: lint unit pgtest itest
+	@echo "all tests passed on PostgreSQL $(PG)"
+
+server: install
+	@$(PY) tools/cluster.py start --pg $(PG) --name server
+
+stop:
+	@$(PY) tools/cluster.py stop --pg $(PG) --name server
+
+demo: server
+	@$(PY) tools/demo.py "$$($(PY) tools/cluster.py uri --pg $(PG) --name server)"
+
+# Exact top-10 search: rsclip vs pgvector in the same PG18 server. ROWS=1000000 for the big run.
+ROWS ?= 100000
+bench: install
+	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 >/dev/null
+	@$(PY) bench/exact_search.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS)
+
+fuzz: setup
+	@bash fuzz/run.sh $(FUZZ_SECONDS)
+
+clean:
+	-@$(PY) tools/cluster.py stop --pg 18 --name server >/dev/null 2>&1
+	-@$(PY) tools/cluster.py stop --pg 15 --name server >/dev/null 2>&1
+	cargo clean
