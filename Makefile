@@ -18,7 +18,8 @@ build: setup
 # Release build installed into the chosen server's own directories (the embedded PG18 or the
 # private PG15 copy), never into /usr.
 install: setup
-	@$(ENV) cargo pgrx install --release --pg-config "$$(rsclip_pg_config $(PG))" --features pg$(PG) --no-default-features >/dev/null
+	@$(ENV) cargo pgrx install --release --pg-config "$$(rsclip_pg_config $(PG))" --features pg$(PG) --no-default-features \
+	  > "$$RSCLIP_LOCAL/install-pg$(PG).log" 2>&1 || { cat "$$RSCLIP_LOCAL/install-pg$(PG).log"; exit 1; }
 	@echo "installed rsclip into PostgreSQL $(PG)"
 
 lint: setup
@@ -56,8 +57,9 @@ demo: server
 
 # Exact top-10 search: rsclip vs pgvector in the same PG18 server. ROWS=1000000 for the big run.
 ROWS ?= 100000
+BENCH_SHARED_BUFFERS ?= 4GB
 bench: install
-	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 >/dev/null
+	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
 	@$(PY) bench/exact_search.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS)
 
 fuzz: setup

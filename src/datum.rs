@@ -61,7 +61,7 @@ pub unsafe fn view<'a>(ptr: *const pg_sys::varlena) -> &'a [f32] {
     unsafe {
         let data = base.add(HEADER_BYTES);
         assert!(
-            data as usize % std::mem::align_of::<f32>() == 0,
+            (data as usize).is_multiple_of(std::mem::align_of::<f32>()),
             "misaligned embedding value"
         );
         std::slice::from_raw_parts(data as *const f32, dims)

@@ -348,6 +348,8 @@ mod tests {
     }
 
     #[test]
+    // The halfway-case literals are PostgreSQL's (longer than shortest) spellings on purpose.
+    #[allow(clippy::excessive_precision)]
     fn formats_like_float4out() {
         let cases: &[(f32, &str)] = &[
             (1.0, "1"),
