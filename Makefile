@@ -7,7 +7,7 @@ PY := $(ENV) "$$RSCLIP_VENV/bin/python"
 ITEST_PORT := $(shell echo $$((55400 + $(PG))))
 FUZZ_SECONDS ?= 30
 
-.PHONY: setup build install lint unit pgtest itest test server stop demo bench fuzz clean
+.PHONY: setup build install lint unit pgtest itest test server stop demo bench fuzz fixture clean
 
 setup:
 	@bash tools/setup.sh
@@ -25,10 +25,10 @@ install: setup
 lint: setup
 	@$(ENV) cargo fmt --all -- --check
 	@$(ENV) cargo clippy --all-targets --features pg$(PG) --no-default-features -- -D warnings
-	@$(ENV) cargo clippy -p rsclip-core --all-targets -- -D warnings
+	@$(ENV) cargo clippy -p rsclip-core -p rsclip-model --all-targets -- -D warnings
 
 unit: setup
-	@$(ENV) cargo test -p rsclip-core
+	@$(ENV) cargo test -p rsclip-core -p rsclip-model
 
 pgtest: setup
 	@$(ENV) mkdir -p "$$RSCLIP_LOCAL/pgrx-test" && { [ "$$(id -u)" != 0 ] || chown "$$PG_USER" "$$RSCLIP_LOCAL/pgrx-test"; } && \
@@ -61,6 +61,12 @@ BENCH_SHARED_BUFFERS ?= 4GB
 bench: install
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
 	@$(PY) bench/exact_search.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS)
+
+# Regenerates the committed test fixture (needs tools/requirements-export.txt: torch etc.).
+fixture:
+	@$(ENV) [ -x "$$RSCLIP_LOCAL/venv-export/bin/python" ] || { python3 -m venv "$$RSCLIP_LOCAL/venv-export" && \
+	  "$$RSCLIP_LOCAL/venv-export/bin/pip" install -q -r tools/requirements-export.txt; } && \
+	  "$$RSCLIP_LOCAL/venv-export/bin/python" tools/export_model.py --tiny-random --out tests/fixtures/tiny-siglip
 
 fuzz: setup
 	@bash fuzz/run.sh $(FUZZ_SECONDS)

@@ -8,9 +8,12 @@
 mod casts;
 mod datum;
 mod detoast_cache;
+mod encode;
 mod fmgr;
 mod io;
+mod model;
 mod operators;
+mod settings;
 
 pgrx::extension_sql_file!(
     "../sql/embedding_type.sql",
@@ -32,6 +35,18 @@ pgrx::extension_sql_file!(
     name = "pgvector_casts",
     requires = ["operators"]
 );
+pgrx::extension_sql_file!(
+    "../sql/encoders.sql",
+    name = "encoders",
+    requires = ["pgvector_casts"]
+);
+
+/// Registers the settings. Nothing else happens at load time: ONNX Runtime starts threads, and
+/// threads do not survive the postmaster's fork, so models load lazily in each backend.
+#[pgrx::pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::register();
+}
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
@@ -41,8 +56,17 @@ mod tests;
 pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
+    /// Points the test server at the committed fixture model (copied into local state by
+    /// tools/setup.sh) and the ONNX Runtime library of the pinned Python environment.
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![]
+        let local = std::env::var("RSCLIP_LOCAL")
+            .expect("RSCLIP_LOCAL is set by tools/env.sh (run make pgtest)");
+        let library = std::env::var("RSCLIP_ONNXRUNTIME_LIBRARY")
+            .expect("RSCLIP_ONNXRUNTIME_LIBRARY is set by tools/env.sh");
+        vec![
+            String::leak(format!("rsclip.model_path = '{local}/models/tiny-siglip'")),
+            String::leak(format!("rsclip.onnxruntime_library = '{library}'")),
+        ]
     }
 }

@@ -67,30 +67,37 @@ class Cluster:
                        capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"initdb failed:\n{r.stdout}\n{r.stderr}")
-        self.configure(settings)
+
 
     def configure(self, settings):
+        """(Re)writes rsclip.conf, included from postgresql.conf: our settings in one place."""
         conf = {
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
             "unix_socket_directories": "''",
             "shared_buffers": "'512MB'",
             "max_wal_size": "'4GB'",
-            "fsync": "on",
+            "rsclip.model_path": f"'{LOCAL / 'models' / 'tiny-siglip'}'",
+            "rsclip.onnxruntime_library": f"'{os.environ['RSCLIP_ONNXRUNTIME_LIBRARY']}'",
         }
         for item in settings:
             k, _, v = item.partition("=")
             conf[k.strip()] = v.strip()
-        text = "\n# rsclip cluster.py\n" + "".join(f"{k} = {v}\n" for k, v in conf.items())
-        as_pg_user(["sh", "-c", f"cat >> '{self.data}/postgresql.conf'"], input=text.encode(), check=True)
+        text = "# written by tools/cluster.py\n" + "".join(f"{k} = {v}\n" for k, v in conf.items())
+        as_pg_user(["sh", "-c", f"cat > '{self.data}/rsclip.conf'"], input=text.encode(), check=True)
+        include = "include_if_exists 'rsclip.conf'"
+        conf_file = self.data / "postgresql.conf"
+        has = as_pg_user(["grep", "-qxF", include, str(conf_file)]).returncode == 0
+        if not has:
+            as_pg_user(["sh", "-c", f"echo \"{include}\" >> '{conf_file}'"], check=True)
 
     def start(self, settings):
-        if self.running():
-            return
         if not self.initialized():
             self.init(settings)
-        elif settings:
-            self.configure(settings)
+        self.configure(settings)
+        if self.running():
+            as_pg_user([str(self.bin / "pg_ctl"), "-D", str(self.data), "reload"], check=True, capture_output=True)
+            return
         r = as_pg_user([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
                         "-w", "-t", "60", "start"], capture_output=True, text=True)
         if r.returncode != 0:

@@ -1,63 +1,118 @@
 #!/usr/bin/env python3
-"""The main job, end to end, against the `make server` cluster: create the extension, fill a
-table of tile embeddings, and run exact top-k searches, printing what a user wants to see.
+"""The main job, end to end, against the `make server` cluster: images go into a table, are
+encoded inside the database, and text and image queries rank them, with scores and timings.
 
-For now the embeddings are random unit vectors (the encoder issue adds images and text).
+The bundled model (tests/fixtures/tiny-siglip) has RANDOM weights: every step below runs for real
+(decoding, Pillow-exact preprocessing, ONNX Runtime, search), but the rankings are meaningless
+until you export the real Git-RSCLIP (see the message at the end).
 """
+import struct
 import sys
 import time
+import zlib
 
+import numpy as np
 import psycopg
 
-ROWS, DIMS = 20000, 768
+TILES = 48
+
+
+def png(rgb: np.ndarray) -> bytes:
+    """A plain 8-bit RGB PNG (no imaging library needed)."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[r].tobytes() for r in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def synthetic_tile(kind: str, rng) -> np.ndarray:
+    """Crude aerial-looking tiles: striped fields, water, forest blobs, a grid of streets."""
+    size = 96
+    y, x = np.mgrid[0:size, 0:size].astype(float)
+    noise = rng.normal(0, 12, (size, size, 3))
+    if kind == "farmland":
+        stripes = (np.sin((x * np.cos(a := rng.uniform(0, 3)) + y * np.sin(a)) / rng.uniform(2, 6)) > 0)[..., None]
+        img = np.where(stripes, [120, 160, 60], [170, 150, 90])
+    elif kind == "water":
+        img = np.broadcast_to([40, 80, 150], (size, size, 3)) + 20 * np.sin(x / 7 + y / 11)[..., None]
+    elif kind == "forest":
+        img = np.broadcast_to([30, 90, 40], (size, size, 3)) + 30 * (np.sin(x / 3) * np.cos(y / 4))[..., None]
+    else:  # residential
+        grid = ((x % 24 < 3) | (y % 24 < 3))[..., None]
+        img = np.where(grid, [90, 90, 90], [190, 120, 100])
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
 
 
 def main(uri: str):
+    rng = np.random.default_rng(42)
+    kinds = ["farmland", "water", "forest", "residential"]
+    # A fresh database each run, so the demo always uses the extension as just installed.
+    with psycopg.connect(uri, autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS rsclip_demo WITH (FORCE)")
+        admin.execute("CREATE DATABASE rsclip_demo")
+    uri = uri.rsplit("/", 1)[0] + "/rsclip_demo"
     with psycopg.connect(uri, autocommit=True) as c:
-        c.execute("CREATE EXTENSION IF NOT EXISTS rsclip")
-        version = c.execute("SELECT extversion FROM pg_extension WHERE extname = 'rsclip'").fetchone()[0]
-        server = c.execute("SHOW server_version").fetchone()[0]
-        print(f"rsclip {version} on PostgreSQL {server}\n")
-
-        print("SELECT '[3,4]'::embedding <#> '[1,0]';")
-        print("  ->", c.execute("SELECT '[3,4]'::embedding <#> '[1,0]'").fetchone()[0], "\n")
+        c.execute("CREATE EXTENSION rsclip")
+        info = c.execute("SELECT rsclip_model_info()").fetchone()[0]
+        print(f"rsclip on PostgreSQL {c.execute('SHOW server_version').fetchone()[0]}, model {info['model_id']} "
+              f"({info['embedding_dim']}-d, {info['image_size']} px) from {info['model_path']}\n")
 
         c.execute("DROP TABLE IF EXISTS demo_tiles")
-        c.execute(f"CREATE TABLE demo_tiles (id bigint PRIMARY KEY, emb embedding({DIMS}))")
-        t0 = time.perf_counter()
-        c.execute(f"""INSERT INTO demo_tiles
-                      SELECT i, rsclip_normalize((SELECT array_agg(random() - 0.5)::real[]
-                                                  FROM generate_series(1, {DIMS}) WHERE i > 0)::embedding)
-                        FROM generate_series(1, {ROWS}) i""")
-        c.execute("VACUUM ANALYZE demo_tiles")
-        heap = c.execute("SELECT pg_size_pretty(pg_relation_size('demo_tiles'))").fetchone()[0]
-        toast = c.execute("SELECT pg_size_pretty(pg_relation_size(reltoastrelid)) FROM pg_class"
-                          " WHERE relname = 'demo_tiles'").fetchone()[0]
-        print(f"Filled demo_tiles with {ROWS} random unit embeddings of {DIMS} dimensions in "
-              f"{time.perf_counter() - t0:.1f}s (heap {heap}, TOAST {toast}: vectors are stored inline)\n")
+        c.execute("CREATE TABLE demo_tiles (id bigint PRIMARY KEY, kind text, img bytea, emb embedding)")
+        with c.cursor() as cur:
+            for i in range(TILES):
+                kind = kinds[i % len(kinds)]
+                cur.execute("INSERT INTO demo_tiles (id, kind, img) VALUES (%s, %s, %s)", (i, kind, png(synthetic_tile(kind, rng))))
+        print(f"Stored {TILES} generated 96x96 PNG tiles (farmland, water, forest, residential) in demo_tiles.img")
 
-        query = "SELECT id, rsclip_score(emb, q) AS score FROM demo_tiles, (SELECT emb AS q FROM demo_tiles WHERE id = 42) q ORDER BY emb <#> q LIMIT 5"
-        print("Tiles most like tile 42 (exact search, inner product):")
-        print(f"  {query}")
         t0 = time.perf_counter()
-        rows = c.execute(query).fetchall()
+        c.execute("UPDATE demo_tiles SET emb = rsclip_encode_image(img)")
+        per_row = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        c.execute("""UPDATE demo_tiles d SET emb = e.emb
+                       FROM (SELECT unnest(array_agg(id ORDER BY id)) AS id,
+                                    unnest(rsclip_encode_images(array_agg(img ORDER BY id))) AS emb
+                               FROM demo_tiles) e
+                      WHERE d.id = e.id""")
+        batched = time.perf_counter() - t0
+        print(f"Encoded them in the database: per-row UPDATE {per_row * 1e3:.0f} ms, "
+              f"batched rsclip_encode_images {batched * 1e3:.0f} ms\n")
+
+        for query in ("flooded farmland", "airport with parked planes"):
+            t0 = time.perf_counter()
+            rows = c.execute("""SELECT id, kind, rsclip_score(emb, q) AS score, rsclip_probability(emb, q) AS p
+                                  FROM demo_tiles, rsclip_encode_text(%s) q
+                                 ORDER BY emb <#> q LIMIT 5""", (query,)).fetchall()
+            ms = (time.perf_counter() - t0) * 1e3
+            print(f"Text query {query!r} ({ms:.1f} ms including text encoding):")
+            print(f"  {'id':>4}  {'kind':<12} {'score':>8} {'probability':>12}")
+            for rid, kind, score, p in rows:
+                print(f"  {rid:>4}  {kind:<12} {score:>8.4f} {p:>12.3e}")
+            print()
+
+        t0 = time.perf_counter()
+        rows = c.execute("""SELECT id, kind, rsclip_score(emb, q) FROM demo_tiles,
+                                   (SELECT emb AS q FROM demo_tiles WHERE id = 1) q
+                             ORDER BY emb <#> q LIMIT 5""").fetchall()
         ms = (time.perf_counter() - t0) * 1e3
-        print(f"  {'id':>8}  {'score':>8}")
-        for rid, score in rows:
-            print(f"  {rid:>8}  {score:>8.4f}")
-        print(f"  ({ms:.1f} ms over {ROWS} rows)\n")
+        print(f"Tiles most like tile 1 (a water tile), image-to-image ({ms:.1f} ms):")
+        for rid, kind, score in rows:
+            print(f"  {rid:>4}  {kind:<12} {score:>8.4f}")
+        info = c.execute("SELECT rsclip_model_info()").fetchone()[0]
+        print(f"\nSessions: provider {info['provider']}, created in {info['session_create_ms']} ms, "
+              f"load counts {info['load_counts']} (reused across calls)")
 
-        print("Distances to a literal query, three ways:")
-        q = "(SELECT rsclip_normalize(array_agg(sin(i))::real[]::embedding) FROM generate_series(1, 768) i)"
-        for op, name in (("<#>", "negative inner product"), ("<=>", "cosine distance"), ("<->", "Euclidean distance")):
-            rid, d = c.execute(f"SELECT id, emb {op} {q} FROM demo_tiles ORDER BY emb {op} {q} LIMIT 1").fetchone()
-            print(f"  {op} {name:<24} best tile {rid:>6}  distance {d:.4f}")
-        print()
-        plan = [r[0] for r in c.execute(f"EXPLAIN SELECT id FROM demo_tiles ORDER BY emb <#> {q} LIMIT 10")]
-        print("Plan (exact search: top-N heapsort over a sequential scan):")
-        for line in plan:
-            print("  " + line)
-        print("\nNext: the encoder issue adds rsclip_encode_text()/rsclip_encode_image(); the index issue adds USING rsclip.")
+    print("""
+NOTE: the bundled model has random weights, so these rankings are meaningless. For real
+retrieval, export Git-RSCLIP where the Hugging Face hub is reachable and point rsclip at it:
+
+    pip install -r tools/requirements-export.txt
+    python tools/export_model.py --model lcybuaa/Git-RSCLIP --out /srv/models/git-rsclip
+    ALTER SYSTEM SET rsclip.model_path = '/srv/models/git-rsclip'; SELECT pg_reload_conf();""")
 
 
 if __name__ == "__main__":

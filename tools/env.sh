@@ -48,3 +48,7 @@ rsclip_as_pg_user() {
         "$@"
     fi
 }
+
+# ONNX Runtime shared library from the pinned wheel (the server reads it from the GUC
+# rsclip.onnxruntime_library; Rust tests read this variable).
+export RSCLIP_ONNXRUNTIME_LIBRARY="$RSCLIP_VENV/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1"

@@ -69,4 +69,11 @@ if ! grep -q "pg15" "$PGRX_HOME/config.toml" 2>/dev/null || ! grep -q "pg18" "$P
     mkdir -p "$PGRX_HOME"
     cargo pgrx init --pg18 "$PG18_CONFIG" --pg15 "$PG15_CONFIG" >/dev/null
 fi
+# The servers read the test model from local state, which their user can always reach.
+mkdir -p "$RSCLIP_LOCAL/models"
+rm -rf "$RSCLIP_LOCAL/models/tiny-siglip.tmp"
+cp -r "$RSCLIP_ROOT/tests/fixtures/tiny-siglip" "$RSCLIP_LOCAL/models/tiny-siglip.tmp"
+rm -rf "$RSCLIP_LOCAL/models/tiny-siglip"
+mv "$RSCLIP_LOCAL/models/tiny-siglip.tmp" "$RSCLIP_LOCAL/models/tiny-siglip"
+chmod -R a+rX "$RSCLIP_LOCAL/models"
 say "ready (local state in $RSCLIP_LOCAL)"

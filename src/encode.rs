@@ -1,0 +1,375 @@
+//! SQL entry points of the encoders: images and texts to unit-length embeddings.
+
+use crate::datum;
+use crate::fmgr::{arg, error, float8_datum, pg_function};
+use crate::model::{self, Loaded};
+use crate::settings;
+use pgrx::{pg_sys, varlena, PgSqlErrorCode};
+use rsclip_model::decode::{decode_rgb8, DecodeError, DecodeOptions};
+use rsclip_model::runtime::with_signals_blocked;
+
+fn decode_options() -> DecodeOptions {
+    let bands_text = settings::string(&settings::TIFF_BANDS).unwrap_or_else(|| "1,2,3".into());
+    let parsed: Vec<usize> = bands_text
+        .split(',')
+        .filter_map(|b| b.trim().parse::<usize>().ok())
+        .collect();
+    if parsed.len() != 3 || parsed.contains(&0) {
+        error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("rsclip.tiff_bands must be three 1-based band numbers such as '4,3,2', not '{bands_text}'"),
+        );
+    }
+    DecodeOptions {
+        max_pixels: settings::MAX_IMAGE_PIXELS.get().max(1) as u64,
+        bands: [parsed[0] - 1, parsed[1] - 1, parsed[2] - 1],
+    }
+}
+
+fn raise_decode(e: &DecodeError, which: Option<usize>) -> ! {
+    let code = match e {
+        DecodeError::TooLarge { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        DecodeError::Unsupported { .. } | DecodeError::UnknownFormat => {
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
+        }
+        DecodeError::Empty | DecodeError::Corrupt { .. } => {
+            PgSqlErrorCode::ERRCODE_INVALID_BINARY_REPRESENTATION
+        }
+    };
+    match which {
+        Some(i) => error(code, format!("rsclip: image {} of the array: {e}", i + 1)),
+        None => error(code, format!("rsclip: {e}")),
+    }
+}
+
+/// The bytes of a bytea/text datum (detoasted into the current memory context if needed).
+///
+/// # Safety
+/// `d` must be a valid varlena datum; the slice lives as long as the current memory context.
+unsafe fn varlena_bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
+    // SAFETY: guaranteed by the caller; pg_detoast_datum_packed keeps short headers in place.
+    unsafe {
+        let p = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+        std::slice::from_raw_parts(
+            varlena::vardata_any(p) as *const u8,
+            varlena::varsize_any_exhdr(p),
+        )
+    }
+}
+
+fn normalized_datum(v: &[f32]) -> pg_sys::Datum {
+    let (d, out) = datum::alloc(v.len());
+    out.copy_from_slice(v);
+    rsclip_core::normalize_in_place(out);
+    d
+}
+
+/// Decodes and preprocesses `images` into one tensor, on up to `threads` worker threads that
+/// never call into Postgres.
+fn pixel_batch(
+    loaded: &Loaded,
+    images: &[&[u8]],
+    threads: usize,
+    first_index: usize,
+    single: bool,
+) -> Vec<f32> {
+    let opts = decode_options();
+    let pre = &loaded.preprocessing;
+    let per = pre.tensor_len();
+    let mut out = vec![0f32; per * images.len()];
+    let results: Vec<Result<(), DecodeError>> = if threads <= 1 || images.len() <= 1 {
+        images
+            .iter()
+            .zip(out.chunks_exact_mut(per))
+            .map(|(bytes, dst)| decode_rgb8(bytes, &opts).map(|rgb| pre.pixel_values(&rgb, dst)))
+            .collect()
+    } else {
+        let chunk = images.len().div_ceil(threads);
+        with_signals_blocked(|| {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = images
+                    .chunks(chunk)
+                    .zip(out.chunks_mut(per * chunk))
+                    .map(|(imgs, dsts)| {
+                        scope.spawn(move || {
+                            imgs.iter()
+                                .zip(dsts.chunks_exact_mut(per))
+                                .map(|(bytes, dst)| {
+                                    decode_rgb8(bytes, &opts).map(|rgb| pre.pixel_values(&rgb, dst))
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("decode worker panicked"))
+                    .collect()
+            })
+        })
+    };
+    for (i, r) in results.iter().enumerate() {
+        if let Err(e) = r {
+            raise_decode(e, (!single).then_some(first_index + i));
+        }
+    }
+    out
+}
+
+fn encode_images(images: &[&[u8]], single: bool) -> Vec<Vec<f32>> {
+    let batch = settings::BATCH_SIZE.get().max(1) as usize;
+    let threads = settings::INTRA_OP_THREADS.get().max(1) as usize;
+    let mut result = Vec::with_capacity(images.len());
+    for (c, chunk) in images.chunks(batch).enumerate() {
+        pgrx::check_for_interrupts!();
+        model::with_model(|loaded, counts| {
+            let pixels = pixel_batch(loaded, chunk, threads, c * batch, single);
+            let s = loaded.preprocessing.image_size;
+            let dim = loaded.model.manifest.embedding_dim;
+            let out = loaded
+                .vision(counts)
+                .run_f32(&[chunk.len(), 3, s, s], pixels)
+                .unwrap_or_else(|e| model::raise_runtime(e));
+            result.extend(out.chunks_exact(dim).map(|r| r.to_vec()));
+        });
+    }
+    result
+}
+
+fn encode_texts(texts: &[String]) -> Vec<Vec<f32>> {
+    let batch = settings::BATCH_SIZE.get().max(1) as usize;
+    let mut result = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(batch) {
+        pgrx::check_for_interrupts!();
+        model::with_model(|loaded, counts| {
+            let dim = loaded.model.manifest.embedding_dim;
+            let (encoder, tokenizer) = loaded.text(counts);
+            let mut ids = Vec::with_capacity(chunk.len() * tokenizer.max_length);
+            for t in chunk {
+                ids.extend(tokenizer.encode(t).unwrap_or_else(|e| {
+                    error(
+                        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                        format!("rsclip: {e}"),
+                    )
+                }));
+            }
+            let len = tokenizer.max_length;
+            let out = encoder
+                .run_i64(&[chunk.len(), len], ids)
+                .unwrap_or_else(|e| model::raise_runtime(e));
+            result.extend(out.chunks_exact(dim).map(|r| r.to_vec()));
+        });
+    }
+    result
+}
+
+/// Text of a `text` datum; invalid UTF-8 (a non-UTF8 database) is replaced, not rejected.
+///
+/// # Safety
+/// `d` must be a valid text datum.
+unsafe fn text_string(d: pg_sys::Datum) -> String {
+    // SAFETY: guaranteed by the caller.
+    String::from_utf8_lossy(unsafe { varlena_bytes(d) }).into_owned()
+}
+
+pg_function! {
+    /// `rsclip_encode_image(bytea) -> embedding`
+    fn rsclip_encode_image(fcinfo) {
+        // SAFETY: declared STRICT with a bytea argument.
+        let bytes = unsafe { varlena_bytes(arg(fcinfo, 0)) };
+        let v = encode_images(&[bytes], true);
+        normalized_datum(&v[0])
+    }
+}
+
+pg_function! {
+    /// `rsclip_encode_text(text) -> embedding`
+    fn rsclip_encode_text(fcinfo) {
+        // SAFETY: declared STRICT with a text argument.
+        let s = unsafe { text_string(arg(fcinfo, 0)) };
+        let v = encode_texts(&[s]);
+        normalized_datum(&v[0])
+    }
+}
+
+/// Elements of a one-dimensional varlena array (NULLs as None), and the array's element type.
+///
+/// # Safety
+/// `d` must be a valid array datum of a varlena element type.
+unsafe fn array_elements(d: pg_sys::Datum) -> (Vec<Option<pg_sys::Datum>>, i32) {
+    // SAFETY: guaranteed by the caller; deconstruct_array yields n datums and null flags.
+    unsafe {
+        let arr = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as *mut pg_sys::ArrayType;
+        if (*arr).ndim > 1 {
+            error(
+                PgSqlErrorCode::ERRCODE_ARRAY_ELEMENT_ERROR,
+                "rsclip: expected a one-dimensional array",
+            );
+        }
+        // Header, then ndim dimension sizes, then ndim lower bounds (ARR_LBOUND).
+        let lbound = if (*arr).ndim == 1 {
+            *((arr as *const u8).add(std::mem::size_of::<pg_sys::ArrayType>()) as *const i32).add(1)
+        } else {
+            1
+        };
+        let mut elems: *mut pg_sys::Datum = std::ptr::null_mut();
+        let mut nulls: *mut bool = std::ptr::null_mut();
+        let mut n: std::ffi::c_int = 0;
+        pg_sys::deconstruct_array(
+            arr,
+            (*arr).elemtype,
+            -1,
+            false,
+            pg_sys::TYPALIGN_INT as std::ffi::c_char,
+            &mut elems,
+            &mut nulls,
+            &mut n,
+        );
+        let n = n.max(0) as usize;
+        if n == 0 {
+            return (Vec::new(), lbound);
+        }
+        let elems = std::slice::from_raw_parts(elems, n);
+        let nulls = std::slice::from_raw_parts(nulls, n);
+        (
+            elems
+                .iter()
+                .zip(nulls)
+                .map(|(d, null)| (!null).then_some(*d))
+                .collect(),
+            lbound,
+        )
+    }
+}
+
+/// Builds an `embedding[]` with NULLs where the input had NULLs.
+///
+/// # Safety
+/// `fcinfo` must be the current call, declared to return `embedding[]`.
+unsafe fn embedding_array(
+    fcinfo: pg_sys::FunctionCallInfo,
+    values: Vec<Option<pg_sys::Datum>>,
+    lbound: i32,
+) -> pg_sys::Datum {
+    // SAFETY: flinfo is valid for the call; construct_md_array copies the datums.
+    unsafe {
+        let array_type = pg_sys::get_fn_expr_rettype((*fcinfo).flinfo);
+        let elem_type = pg_sys::get_element_type(array_type);
+        if elem_type == pg_sys::InvalidOid {
+            error(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                "rsclip: cannot determine the embedding array type",
+            );
+        }
+        let mut datums: Vec<pg_sys::Datum> = values
+            .iter()
+            .map(|v| v.unwrap_or(pg_sys::Datum::from(0usize)))
+            .collect();
+        let mut nulls: Vec<bool> = values.iter().map(|v| v.is_none()).collect();
+        let mut dims = [values.len() as std::ffi::c_int];
+        let mut lbs = [lbound as std::ffi::c_int];
+        let arr = pg_sys::construct_md_array(
+            datums.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+            if values.is_empty() { 0 } else { 1 },
+            dims.as_mut_ptr(),
+            lbs.as_mut_ptr(),
+            elem_type,
+            -1,
+            false,
+            pg_sys::TYPALIGN_INT as std::ffi::c_char,
+        );
+        pg_sys::Datum::from(arr)
+    }
+}
+
+pg_function! {
+    /// `rsclip_encode_images(bytea[]) -> embedding[]`, one inference run per rsclip.batch_size.
+    fn rsclip_encode_images(fcinfo) {
+        // SAFETY: declared STRICT with a bytea[] argument, returning embedding[].
+        unsafe {
+            let (elems, lbound) = array_elements(arg(fcinfo, 0));
+            let present: Vec<&[u8]> = elems.iter().flatten().map(|d| varlena_bytes(*d)).collect();
+            let encoded = encode_images(&present, false);
+            let mut it = encoded.iter();
+            let out = elems.iter().map(|e| e.map(|_| normalized_datum(it.next().expect("one per image")))).collect();
+            embedding_array(fcinfo, out, lbound)
+        }
+    }
+}
+
+pg_function! {
+    /// `rsclip_encode_texts(text[]) -> embedding[]`
+    fn rsclip_encode_texts(fcinfo) {
+        // SAFETY: declared STRICT with a text[] argument, returning embedding[].
+        unsafe {
+            let (elems, lbound) = array_elements(arg(fcinfo, 0));
+            let present: Vec<String> = elems.iter().flatten().map(|d| text_string(*d)).collect();
+            let encoded = encode_texts(&present);
+            let mut it = encoded.iter();
+            let out = elems.iter().map(|e| e.map(|_| normalized_datum(it.next().expect("one per text")))).collect();
+            embedding_array(fcinfo, out, lbound)
+        }
+    }
+}
+
+pg_function! {
+    /// `rsclip_probability(image embedding, text embedding) -> double precision`:
+    /// SigLIP's `sigmoid(cos * exp(logit_scale) + logit_bias)` with the model's own scale and bias.
+    fn rsclip_probability(fcinfo) {
+        // SAFETY: declared STRICT with two embedding arguments.
+        let cos = unsafe {
+            crate::detoast_cache::with_args(fcinfo, |a, b| {
+                if a.len() != b.len() {
+                    error(PgSqlErrorCode::ERRCODE_DATA_EXCEPTION, format!("different embedding dimensions {} and {}", a.len(), b.len()));
+                }
+                1.0 - rsclip_core::distance::cosine_distance(a, b)
+            })
+        };
+        let (scale, bias) = model::with_model(|l, _| (l.model.manifest.logit_scale, l.model.manifest.logit_bias));
+        float8_datum(rsclip_model::probability(cos, scale, bias))
+    }
+}
+
+pg_function! {
+    /// `rsclip_model_info() -> jsonb`
+    fn rsclip_model_info(fcinfo) {
+        let _ = fcinfo;
+        let info = model::with_model(|l, counts| {
+            let m = &l.model.manifest;
+            let (vision, text) = l.providers();
+            let opts = l.options();
+            serde_json::json!({
+                "model_id": m.model_id,
+                "revision": m.revision,
+                "model_path": l.model_dir().display().to_string(),
+                "fingerprint": l.fingerprint,
+                "embedding_dim": m.embedding_dim,
+                "image_size": m.image_size,
+                "max_text_length": m.max_text_length,
+                "logit_scale": m.logit_scale,
+                "logit_bias": m.logit_bias,
+                "precision": m.precision,
+                "execution_provider_setting": format!("{:?}", opts.provider).to_lowercase(),
+                "provider": {"vision": vision, "text": text},
+                "cuda_device": opts.cuda_device,
+                "intra_op_threads": opts.intra_op_threads,
+                "onnxruntime_version": rsclip_model::runtime::ort_version(),
+                "sessions_loaded": {"vision": vision.is_some(), "text": text.is_some()},
+                "load_counts": {
+                    "model_opens": counts.model_opens,
+                    "vision": counts.vision_loads,
+                    "text": counts.text_loads,
+                    "tokenizer": counts.tokenizer_loads,
+                },
+                "session_create_ms": {"vision": counts.vision_load_ms, "text": counts.text_load_ms},
+            })
+        });
+        let text = std::ffi::CString::new(info.to_string()).expect("JSON has no NUL");
+        // SAFETY: jsonb_in parses a NUL-terminated C string into a palloc'd jsonb.
+        unsafe {
+            pgrx::fcinfo::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(pg_sys::Datum::from(text.as_ptr()))])
+                .expect("jsonb_in returns a value")
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The per-backend model: which directory and runtime options are in force, and the lazily
+//! created vision/text sessions and tokenizer, reused across calls and rebuilt when the settings
+//! or the model files change. A text query never loads the vision graph, and vice versa.
+
+use crate::fmgr::error;
+use crate::settings::{self, ExecutionProvider, OptimizationLevel};
+use pgrx::{pg_sys, PgSqlErrorCode};
+use rsclip_model::manifest::{ManifestError, ModelDir};
+use rsclip_model::preprocess::Preprocessing;
+use rsclip_model::runtime::{ensure_environment, Encoder, Provider, RuntimeError, RuntimeOptions};
+use rsclip_model::tokenize::TextTokenizer;
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Everything that, when changed, requires new sessions.
+#[derive(Debug, Clone, PartialEq)]
+struct LoadKey {
+    model_dir: PathBuf,
+    manifest_stamp: Option<(SystemTime, u64)>,
+    library: PathBuf,
+    options: RuntimeOptions,
+}
+
+pub struct Loaded {
+    key: LoadKey,
+    pub model: ModelDir,
+    pub preprocessing: Preprocessing,
+    pub fingerprint: String,
+    vision: Option<Encoder>,
+    text: Option<Encoder>,
+    tokenizer: Option<TextTokenizer>,
+}
+
+#[derive(Default, Debug, Clone, Copy)]
+pub struct LoadCounts {
+    pub model_opens: u64,
+    pub vision_loads: u64,
+    pub text_loads: u64,
+    pub tokenizer_loads: u64,
+    pub vision_load_ms: f64,
+    pub text_load_ms: f64,
+}
+
+#[derive(Default)]
+struct State {
+    loaded: Option<Loaded>,
+    counts: LoadCounts,
+}
+
+thread_local! {
+    static STATE: RefCell<State> = RefCell::new(State::default());
+    static CPU_FALLBACK_NOTICED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Maps model and runtime failures to SQLSTATEs: missing files 58P01, unreadable or damaged
+/// files 58030, bad settings 22023, CUDA requested but absent 55000.
+pub fn raise_runtime(e: RuntimeError) -> ! {
+    let code = match &e {
+        RuntimeError::Library { path, .. } if !path.exists() => {
+            PgSqlErrorCode::ERRCODE_UNDEFINED_FILE
+        }
+        RuntimeError::Library { .. } => PgSqlErrorCode::ERRCODE_IO_ERROR,
+        RuntimeError::LibraryMismatch { .. } => {
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+        }
+        RuntimeError::Model(m) => raise_manifest(m.clone()),
+        RuntimeError::Graph { .. } => PgSqlErrorCode::ERRCODE_IO_ERROR,
+        RuntimeError::CudaUnavailable(_) => {
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+        }
+        RuntimeError::Inference(_) => PgSqlErrorCode::ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
+    };
+    error(code, format!("rsclip: {e}"))
+}
+
+pub fn raise_manifest(e: ManifestError) -> ! {
+    let code = match &e {
+        ManifestError::Missing(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
+        _ => PgSqlErrorCode::ERRCODE_IO_ERROR,
+    };
+    error(code, format!("rsclip: {e}"))
+}
+
+fn data_dir() -> PathBuf {
+    // SAFETY: DataDir is set by the postmaster before any backend runs SQL.
+    let p = unsafe { pg_sys::DataDir };
+    if p.is_null() {
+        return PathBuf::from(".");
+    }
+    // SAFETY: non-null, NUL-terminated C string owned by Postgres for the process lifetime.
+    PathBuf::from(
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+fn cuda_device_count() -> i32 {
+    // Without a CUDA runtime call, count the device nodes the driver creates.
+    std::fs::read_dir("/dev")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| {
+                    let n = e.file_name();
+                    let n = n.to_string_lossy();
+                    n.strip_prefix("nvidia").is_some_and(|rest| {
+                        !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit())
+                    })
+                })
+                .count() as i32
+        })
+        .unwrap_or(0)
+}
+
+fn runtime_options() -> RuntimeOptions {
+    let provider = match settings::EXECUTION_PROVIDER.get() {
+        ExecutionProvider::Auto => Provider::Auto,
+        ExecutionProvider::Cpu => Provider::Cpu,
+        ExecutionProvider::Cuda => Provider::Cuda,
+    };
+    let device = settings::string(&settings::CUDA_DEVICE).unwrap_or_else(|| "auto".into());
+    let cuda_device =
+        if device.eq_ignore_ascii_case("auto") {
+            let n = cuda_device_count().max(1);
+            // SAFETY: MyProcPid is a plain global set at backend start.
+            (unsafe { pg_sys::MyProcPid }).rem_euclid(n)
+        } else {
+            device
+                .trim()
+                .parse::<i32>()
+                .ok()
+                .filter(|d| *d >= 0)
+                .unwrap_or_else(|| {
+                    error(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("rsclip.cuda_device must be \"auto\" or a device number, not \"{device}\""),
+            )
+                })
+        };
+    let limit = settings::GPU_MEM_LIMIT_MB.get();
+    RuntimeOptions {
+        provider,
+        cuda_device,
+        gpu_mem_limit: (limit > 0).then(|| limit as usize * 1024 * 1024),
+        intra_op_threads: settings::INTRA_OP_THREADS.get().max(1) as usize,
+        optimization_level: match settings::GRAPH_OPTIMIZATION.get() {
+            OptimizationLevel::Disable => 0,
+            OptimizationLevel::Basic => 1,
+            OptimizationLevel::Extended => 2,
+            OptimizationLevel::All => 3,
+        },
+        optimized_model_dir: settings::string(&settings::OPTIMIZED_MODEL_CACHE).map(PathBuf::from),
+    }
+}
+
+fn current_key() -> LoadKey {
+    let Some(path) = settings::string(&settings::MODEL_PATH) else {
+        error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "rsclip.model_path is not set: a superuser must point it at a model directory made by tools/export_model.py",
+        )
+    };
+    let Some(library) = settings::string(&settings::ONNXRUNTIME_LIBRARY) else {
+        error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "rsclip.onnxruntime_library is not set: a superuser must point it at libonnxruntime.so (ONNX Runtime 1.31)",
+        )
+    };
+    let mut model_dir = PathBuf::from(&path);
+    if model_dir.is_relative() {
+        model_dir = data_dir().join(model_dir);
+    }
+    let manifest_stamp = std::fs::metadata(model_dir.join(rsclip_model::manifest::MANIFEST_FILE))
+        .ok()
+        .and_then(|m| Some((m.modified().ok()?, m.len())));
+    LoadKey {
+        model_dir,
+        manifest_stamp,
+        library: PathBuf::from(library),
+        options: runtime_options(),
+    }
+}
+
+/// Runs `f` with the backend's current model, opening it (manifest only) if needed.
+pub fn with_model<R>(f: impl FnOnce(&mut Loaded, &mut LoadCounts) -> R) -> R {
+    let key = current_key();
+    STATE.with(|cell| {
+        let mut state = cell.borrow_mut();
+        let state = &mut *state;
+        if state.loaded.as_ref().map(|l| &l.key) != Some(&key) {
+            state.loaded = None; // drop old sessions first
+            let model = ModelDir::open(&key.model_dir).unwrap_or_else(|e| raise_manifest(e));
+            let m = &model.manifest;
+            let preprocessing = Preprocessing {
+                image_size: m.image_size,
+                rescale_factor: m.rescale_factor,
+                mean: m.image_mean,
+                std: m.image_std,
+            };
+            let fingerprint = model.fingerprint();
+            state.counts.model_opens += 1;
+            state.loaded = Some(Loaded {
+                key,
+                model,
+                preprocessing,
+                fingerprint,
+                vision: None,
+                text: None,
+                tokenizer: None,
+            });
+        }
+        let loaded = state.loaded.as_mut().expect("just loaded");
+        f(loaded, &mut state.counts)
+    })
+}
+
+fn load_encoder(loaded: &Loaded, vision: bool) -> Encoder {
+    let env = ensure_environment(&loaded.key.library).unwrap_or_else(|e| raise_runtime(e));
+    let spec = if vision {
+        &loaded.model.manifest.vision
+    } else {
+        &loaded.model.manifest.text
+    };
+    Encoder::load(&env, &loaded.model, spec, &loaded.key.options)
+        .unwrap_or_else(|e| raise_runtime(e))
+}
+
+fn notice_cpu_fallback(encoder: &Encoder, options: &RuntimeOptions) {
+    if options.provider == Provider::Auto
+        && encoder.provider == "cpu"
+        && !CPU_FALLBACK_NOTICED.with(|c| c.replace(true))
+    {
+        pgrx::notice!("rsclip: CUDA is not available, running models on the CPU");
+    }
+}
+
+impl Loaded {
+    pub fn vision(&mut self, counts: &mut LoadCounts) -> &mut Encoder {
+        if self.vision.is_none() {
+            let t = std::time::Instant::now();
+            let e = load_encoder(self, true);
+            counts.vision_loads += 1;
+            counts.vision_load_ms = t.elapsed().as_secs_f64() * 1e3;
+            notice_cpu_fallback(&e, &self.key.options);
+            self.vision = Some(e);
+        }
+        self.vision.as_mut().expect("loaded")
+    }
+
+    pub fn text(&mut self, counts: &mut LoadCounts) -> (&mut Encoder, &TextTokenizer) {
+        if self.tokenizer.is_none() {
+            self.tokenizer =
+                Some(TextTokenizer::load(&self.model).unwrap_or_else(|e| raise_manifest(e)));
+            counts.tokenizer_loads += 1;
+        }
+        if self.text.is_none() {
+            let t = std::time::Instant::now();
+            let e = load_encoder(self, false);
+            counts.text_loads += 1;
+            counts.text_load_ms = t.elapsed().as_secs_f64() * 1e3;
+            notice_cpu_fallback(&e, &self.key.options);
+            self.text = Some(e);
+        }
+        (
+            self.text.as_mut().expect("loaded"),
+            self.tokenizer.as_ref().expect("loaded"),
+        )
+    }
+
+    pub fn providers(&self) -> (Option<String>, Option<String>) {
+        (
+            self.vision.as_ref().map(|e| e.provider.clone()),
+            self.text.as_ref().map(|e| e.provider.clone()),
+        )
+    }
+
+    pub fn model_dir(&self) -> &Path {
+        &self.key.model_dir
+    }
+
+    pub fn options(&self) -> &RuntimeOptions {
+        &self.key.options
+    }
+}

@@ -1,0 +1,156 @@
+//! Every rsclip setting (GUC) in one place, with its default, bounds and who may change it.
+//!
+//! Paths that make the server load code or read files (`model_path`, `onnxruntime_library`,
+//! `optimized_model_cache`) are superuser-only; knobs that only affect speed are per-session.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::PostgresGucEnum;
+use std::ffi::CString;
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ExecutionProvider {
+    #[name = c"auto"]
+    Auto,
+    #[name = c"cpu"]
+    Cpu,
+    #[name = c"cuda"]
+    Cuda,
+}
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum OptimizationLevel {
+    #[name = c"disable"]
+    Disable,
+    #[name = c"basic"]
+    Basic,
+    #[name = c"extended"]
+    Extended,
+    #[name = c"all"]
+    All,
+}
+
+pub static MODEL_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static ONNXRUNTIME_LIBRARY: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+pub static EXECUTION_PROVIDER: GucSetting<ExecutionProvider> =
+    GucSetting::<ExecutionProvider>::new(ExecutionProvider::Auto);
+pub static CUDA_DEVICE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"auto"));
+pub static GPU_MEM_LIMIT_MB: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static INTRA_OP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(1);
+pub static GRAPH_OPTIMIZATION: GucSetting<OptimizationLevel> =
+    GucSetting::<OptimizationLevel>::new(OptimizationLevel::All);
+pub static OPTIMIZED_MODEL_CACHE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+pub static MAX_IMAGE_PIXELS: GucSetting<i32> = GucSetting::<i32>::new(100_000_000);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8);
+pub static TIFF_BANDS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"1,2,3"));
+
+pub fn register() {
+    GucRegistry::define_string_guc(
+        c"rsclip.model_path",
+        c"Directory of the Git-RSCLIP model (rsclip.json, vision.onnx, text.onnx, tokenizer.json).",
+        c"Made by tools/export_model.py. Absolute, or relative to the data directory.",
+        &MODEL_PATH,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"rsclip.onnxruntime_library",
+        c"Absolute path of the ONNX Runtime shared library (libonnxruntime.so.1.31.x).",
+        c"Loaded once per backend; changing it needs a new session.",
+        &ONNXRUNTIME_LIBRARY,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"rsclip.execution_provider",
+        c"Where models run: auto (CUDA when available, else CPU), cpu, or cuda (error if unavailable).",
+        c"",
+        &EXECUTION_PROVIDER,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"rsclip.cuda_device",
+        c"CUDA device ordinal, or auto (backend pid modulo the device count).",
+        c"",
+        &CUDA_DEVICE,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"rsclip.gpu_mem_limit",
+        c"Memory limit of the CUDA execution provider's arena per session (0 = no limit).",
+        c"",
+        &GPU_MEM_LIMIT_MB,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MB,
+    );
+    GucRegistry::define_int_guc(
+        c"rsclip.intra_op_threads",
+        c"Threads ONNX Runtime uses inside one inference run (and for decoding image batches).",
+        c"",
+        &INTRA_OP_THREADS,
+        1,
+        256,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"rsclip.graph_optimization_level",
+        c"ONNX Runtime graph optimization level: disable, basic, extended or all.",
+        c"",
+        &GRAPH_OPTIMIZATION,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"rsclip.optimized_model_cache",
+        c"Directory where ONNX Runtime saves optimized graphs (empty = do not save).",
+        c"",
+        &OPTIMIZED_MODEL_CACHE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"rsclip.max_image_pixels",
+        c"Largest image (width x height) rsclip decodes; checked from the header before decoding.",
+        c"",
+        &MAX_IMAGE_PIXELS,
+        1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"rsclip.batch_size",
+        c"Images or texts per inference run in the array functions.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        4096,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"rsclip.tiff_bands",
+        c"1-based bands of multi-band TIFFs used as red, green, blue, e.g. '4,3,2'.",
+        c"",
+        &TIFF_BANDS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    // SAFETY: called from _PG_init with a static NUL-terminated prefix.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"rsclip".as_ptr()) };
+}
+
+pub fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting
+        .get()
+        .map(|s: CString| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+}

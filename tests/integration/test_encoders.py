@@ -1,0 +1,180 @@
+"""Encoders through SQL against the committed tiny-random fixture: fidelity to the PyTorch
+reference, batching, session reuse, and bad input (each a clear ERROR, backend alive after)."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+
+from conftest import URI, uri_for
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+REFERENCE = json.loads((FIXTURES / "reference" / "reference.json").read_text())
+
+
+def image_bytes(name):
+    return (FIXTURES / "reference" / REFERENCE["images"][name]["file"]).read_bytes()
+
+
+def cosine(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def emb(conn, sql, params=()):
+    text = conn.execute(sql, params).fetchone()[0]
+    return [float(x) for x in text.strip("[]").split(",")]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE["images"]))
+def test_image_embedding_matches_pytorch(conn, name):
+    got = emb(conn, "SELECT rsclip_encode_image(%s)::text", (image_bytes(name),))
+    want = REFERENCE["images"][name]["embedding"]
+    bound = 0.9999 if REFERENCE["images"][name]["kind"] == "jpeg" else 0.99999
+    c = cosine(got, want)
+    assert c >= bound, f"{name}: cosine {c}"
+    assert abs(np.linalg.norm(got) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("i", range(len(REFERENCE["texts"])))
+def test_text_embedding_matches_pytorch(conn, i):
+    entry = REFERENCE["texts"][i]
+    got = emb(conn, "SELECT rsclip_encode_text(%s)::text", (entry["text"],))
+    c = cosine(got, entry["embedding"])
+    assert c >= 0.99999, f"text {entry['text'][:40]!r}: cosine {c}"
+
+
+def test_batch_equals_single(conn):
+    names = sorted(REFERENCE["images"])
+    blobs = [image_bytes(n) for n in names]
+    conn.execute("SET rsclip.batch_size = 4")
+    batch = conn.execute("SELECT e::text FROM unnest(rsclip_encode_images(%s)) e", (blobs,)).fetchall()
+    for (text,), blob in zip(batch, blobs):
+        single = emb(conn, "SELECT rsclip_encode_image(%s)::text", (blob,))
+        got = [float(x) for x in text.strip("[]").split(",")]
+        assert max(abs(a - b) for a, b in zip(got, single)) <= 1e-6
+    texts = [t["text"] for t in REFERENCE["texts"]]
+    tb = conn.execute("SELECT e::text FROM unnest(rsclip_encode_texts(%s)) e", (texts,)).fetchall()
+    for (text,), t in zip(tb, texts):
+        single = emb(conn, "SELECT rsclip_encode_text(%s)::text", (t,))
+        got = [float(x) for x in text.strip("[]").split(",")]
+        assert max(abs(a - b) for a, b in zip(got, single)) <= 1e-6
+    conn.execute("RESET rsclip.batch_size")
+
+
+def test_nulls(conn):
+    assert conn.execute("SELECT rsclip_encode_image(NULL), rsclip_encode_text(NULL)").fetchone() == (None, None)
+    row = conn.execute("SELECT array_length(a, 1), a[2] IS NULL, a[1] IS NOT NULL FROM rsclip_encode_texts(ARRAY['a', NULL, 'b']) a").fetchone()
+    assert row == (3, True, True)
+
+
+def vec_literal(v):
+    return "[" + ",".join(repr(float(x)) for x in v) + "]"
+
+
+def test_probability_matches_reference(conn):
+    # The formula, on the reference embeddings themselves: equal to PyTorch's sigmoid.
+    p = REFERENCE["probabilities"]
+    for i, name in enumerate(p["images"]):
+        img = REFERENCE["images"][name]["embedding"]
+        for j, text in enumerate(REFERENCE["texts"]):
+            got = conn.execute("SELECT rsclip_probability(%s::embedding, %s::embedding)",
+                               (vec_literal(img), vec_literal(text["embedding"]))).fetchone()[0]
+            want = p["values"][i][j]
+            assert abs(got - want) <= 1e-6 * want + 1e-12, f"{name} x text {j}: {got} vs {want}"
+
+
+def test_probability_end_to_end_for_lossless_images(conn):
+    p = REFERENCE["probabilities"]
+    for i, name in enumerate(p["images"]):
+        if REFERENCE["images"][name]["kind"] == "jpeg":
+            continue  # JPEG decoders differ slightly; the formula itself is checked above
+        for j in range(3):
+            got = conn.execute("SELECT rsclip_probability(rsclip_encode_image(%s), rsclip_encode_text(%s))",
+                               (image_bytes(name), REFERENCE["texts"][j]["text"])).fetchone()[0]
+            want = p["values"][i][j]
+            assert abs(got - want) <= 1e-4 * want + 1e-12, f"{name} x text {j}: {got} vs {want}"
+
+
+def test_sessions_are_reused_and_lazy(dbname):
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        c.execute("SELECT rsclip_encode_text('first')")
+        info = c.execute("SELECT rsclip_model_info()").fetchone()[0]
+        assert info["sessions_loaded"] == {"vision": False, "text": True}, "a text query must not load the vision graph"
+        c.execute("SELECT rsclip_encode_text('second')")
+        c.execute("SELECT rsclip_encode_texts(ARRAY['third', 'fourth'])")
+        again = c.execute("SELECT rsclip_model_info()").fetchone()[0]
+        assert again["load_counts"]["text"] == 1 and again["load_counts"]["tokenizer"] == 1
+        assert again["provider"]["text"] == "cpu"
+        assert again["embedding_dim"] == 32 and again["onnxruntime_version"]
+
+
+def test_cpu_fallback_notice_once(dbname):
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        notices = []
+        c.add_notice_handler(lambda d: notices.append(d.message_primary))
+        c.execute("SET rsclip.execution_provider = 'auto'")
+        c.execute("SELECT rsclip_encode_text('a')")
+        c.execute("SELECT rsclip_encode_image(%s)", (image_bytes("exact_64x64.png"),))
+        assert sum("CUDA is not available" in n for n in notices) == 1, notices
+
+
+def test_cuda_requested_without_cuda_is_an_error(dbname):
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        c.execute("SET rsclip.execution_provider = 'cuda'")
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="CUDA execution provider is not available"):
+            c.execute("SELECT rsclip_encode_text('a')")
+        c.execute("RESET rsclip.execution_provider")
+        assert c.execute("SELECT embedding_dims(rsclip_encode_text('a'))").fetchone()[0] == 32
+
+
+def png_header(w, h):
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+
+
+BAD_IMAGES = [
+    ("empty", b"", "22P03", "empty"),
+    ("random bytes", bytes(range(256)) * 4, "22023", "unrecognized image format"),
+    ("unsupported format", b"GIF89a" + b"\0" * 100, "22023", "unrecognized image format"),
+    ("truncated png", None, "22P03", "PNG"),
+    ("truncated jpeg", None, "22P03", "JPEG"),
+    ("corrupt tiff", None, "22P03", "TIFF"),
+    ("huge png header", png_header(100000, 100000), "22023", "100000x100000"),
+]
+
+
+@pytest.mark.parametrize("label, data, sqlstate, needle", BAD_IMAGES, ids=[b[0] for b in BAD_IMAGES])
+def test_bad_images_are_clear_errors(conn, label, data, sqlstate, needle):
+    if data is None:
+        src = {"truncated png": "rgb_97x61.png", "truncated jpeg": "photo_120x90.jpg", "corrupt tiff": "rgb_70x50.tiff"}[label]
+        full = image_bytes(src)
+        data = full[: len(full) // 2] if label != "corrupt tiff" else full[:8] + b"\xff" * 64
+    with pytest.raises(psycopg.Error) as exc:
+        conn.execute("SELECT rsclip_encode_image(%s)", (data,))
+    assert exc.value.sqlstate == sqlstate, f"{label}: {exc.value.sqlstate} {exc.value}"
+    assert needle in str(exc.value)
+    assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_one_pixel_image_and_long_text(conn):
+    assert conn.execute("SELECT embedding_dims(rsclip_encode_image(%s))", (image_bytes("tiny_1x1.png"),)).fetchone()[0] == 32
+    long = "flooded farmland " * 6000  # ~100k characters: truncated to 64 tokens, works
+    assert conn.execute("SELECT embedding_dims(rsclip_encode_text(%s))", (long,)).fetchone()[0] == 32
+
+
+def test_missing_model_and_wrong_library_name_the_path(dbname):
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        c.execute("SET rsclip.model_path = '/nonexistent/model'")
+        with pytest.raises(psycopg.errors.UndefinedFile, match="/nonexistent/model/rsclip.json"):
+            c.execute("SELECT rsclip_encode_text('a')")
+    # A fresh backend: the library has not been loaded yet, so the bad path is what fails.
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        c.execute("SET rsclip.onnxruntime_library = '/nonexistent/libonnxruntime.so'")
+        with pytest.raises(psycopg.errors.UndefinedFile, match="/nonexistent/libonnxruntime.so"):
+            c.execute("SELECT rsclip_encode_text('a')")
+        assert c.execute("SELECT 1").fetchone()[0] == 1
