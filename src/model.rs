@@ -192,12 +192,7 @@ pub fn with_model<R>(f: impl FnOnce(&mut Loaded, &mut LoadCounts) -> R) -> R {
             state.loaded = None; // drop old sessions first
             let model = ModelDir::open(&key.model_dir).unwrap_or_else(|e| raise_manifest(e));
             let m = &model.manifest;
-            let preprocessing = Preprocessing {
-                image_size: m.image_size,
-                rescale_factor: m.rescale_factor,
-                mean: m.image_mean,
-                std: m.image_std,
-            };
+            let preprocessing = Preprocessing::from_manifest(m);
             let fingerprint = model.fingerprint();
             state.counts.model_opens += 1;
             state.loaded = Some(Loaded {

@@ -454,13 +454,14 @@ def tokenizer_json_from_spm(spm_path: str, max_length: int = 64) -> str:
         normalizers.Replace(Regex("\\A" + SPIECE_UNDERLINE + "(?=" + marks_class + ")"), ""),
     ]
 
-    # SentencePiece never matches control pieces ("<pad>", "</s>", "<unk>") in text, the Unigram
-    # model does (think of a fullwidth "＜pad＞" after NFKC, in a vocabulary that has "<" and ">").
-    # Their scores (unused by SentencePiece) are lowered below any spelling of them with normal
+    # SentencePiece never matches control (or unused) pieces in text, the Unigram model does
+    # (think of a fullwidth "＜pad＞" after NFKC, in a vocabulary that has "<" and ">").  Their
+    # scores, which SentencePiece never uses, are lowered below any spelling of them with normal
     # pieces.  The unknown score follows the minimum down, which changes no segmentation: all
     # segmentations of a text hold the same unknown characters, each in its own unk node.
     lowest = min(s for _, s, t in pieces if t == Piece.NORMAL)
-    vocab = [(p, len(p) * lowest - 100.0 if t in (Piece.CONTROL, Piece.UNKNOWN) else s) for p, s, t in pieces]
+    never = (Piece.CONTROL, Piece.UNKNOWN, Piece.UNUSED)
+    vocab = [(p, len(p) * lowest - 100.0 if t in never else s) for p, s, t in pieces]
     tok = Tokenizer(models.Unigram(vocab, unk_id=UNK_ID, byte_fallback=False))
     tok.normalizer = normalizers.Sequence(steps)
     # Spaces become "▁" and words are encoded one by one ("▁" only ever starts a piece).

@@ -13,6 +13,16 @@ pub struct Preprocessing {
 }
 
 impl Preprocessing {
+    /// The preprocessing a model directory's manifest prescribes.
+    pub fn from_manifest(m: &crate::manifest::Manifest) -> Preprocessing {
+        Preprocessing {
+            image_size: m.image_size,
+            rescale_factor: m.rescale_factor,
+            mean: m.image_mean,
+            std: m.image_std,
+        }
+    }
+
     /// Floats per image in the tensor.
     pub fn tensor_len(&self) -> usize {
         3 * self.image_size * self.image_size

@@ -116,12 +116,26 @@ fn horizontal(
         let dst_row = &mut out.data[y * out_width * ch..][..out_width * ch];
         for (xx, &(xmin, count)) in c.bounds.iter().enumerate() {
             let k = &c.weights[xx * c.ksize..][..count];
-            for b in 0..ch {
-                let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-                for (x, w) in k.iter().enumerate() {
-                    ss += src_row[(x + xmin) * ch + b] as i32 * w;
+            let window = &src_row[xmin * ch..(xmin + count) * ch];
+            if ch == 3 {
+                // The common case, unrolled over the three bands.
+                let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+                for (px, &w) in window.chunks_exact(3).zip(k) {
+                    ss[0] += px[0] as i32 * w;
+                    ss[1] += px[1] as i32 * w;
+                    ss[2] += px[2] as i32 * w;
                 }
-                dst_row[xx * ch + b] = clip8(ss);
+                dst_row[xx * 3] = clip8(ss[0]);
+                dst_row[xx * 3 + 1] = clip8(ss[1]);
+                dst_row[xx * 3 + 2] = clip8(ss[2]);
+            } else {
+                for b in 0..ch {
+                    let mut ss: i32 = 1 << (PRECISION_BITS - 1);
+                    for (px, &w) in window.chunks_exact(ch).zip(k) {
+                        ss += px[b] as i32 * w;
+                    }
+                    dst_row[xx * ch + b] = clip8(ss);
+                }
             }
         }
     }

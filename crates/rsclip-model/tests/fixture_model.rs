@@ -51,12 +51,7 @@ fn image_embeddings_match_pytorch() {
     let env = ensure_environment(&library()).unwrap();
     let model = model();
     let m = &model.manifest;
-    let pre = Preprocessing {
-        image_size: m.image_size,
-        rescale_factor: m.rescale_factor,
-        mean: m.image_mean,
-        std: m.image_std,
-    };
+    let pre = Preprocessing::from_manifest(m);
     let mut vision = Encoder::load(&env, &model, &m.vision, &RuntimeOptions::default()).unwrap();
     let reference = reference();
     let images = reference["images"].as_object().unwrap();
