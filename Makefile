@@ -7,7 +7,7 @@ PY := $(ENV) "$$RSCLIP_VENV/bin/python"
 ITEST_PORT := $(shell echo $$((55400 + $(PG))))
 FUZZ_SECONDS ?= 30
 
-.PHONY: setup build install lint unit pgtest itest test server stop demo bench fuzz fixture clean
+.PHONY: setup build install lint unit pgtest itest test server stop demo bench bench-encode export-env fuzz fixture clean
 
 setup:
 	@bash tools/setup.sh
@@ -62,11 +62,25 @@ bench: install
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
 	@$(PY) bench/exact_search.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS)
 
+# Encoding throughput: rsclip vs a Python pipeline vs bare ONNX Runtime, on the fixture and on
+# the git-rsclip-base architecture with random weights (exported on first use, not committed).
+EXPORT_PY := "$$RSCLIP_LOCAL/venv-export/bin/python"
+bench-encode: install export-env
+	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 >/dev/null
+	@$(ENV) $(EXPORT_PY) bench/encode.py --uri postgresql://postgres@127.0.0.1:55518/postgres --model-dir "$$RSCLIP_LOCAL/models/tiny-siglip" --images 64
+	@$(ENV) [ -f "$$RSCLIP_LOCAL/models/git-rsclip-base-random/rsclip.json" ] || \
+	  $(EXPORT_PY) tools/export_model.py --random-weights git-rsclip-base --out "$$RSCLIP_LOCAL/models/git-rsclip-base-random"
+	@$(ENV) $(EXPORT_PY) bench/encode.py --uri postgresql://postgres@127.0.0.1:55518/postgres --model-dir "$$RSCLIP_LOCAL/models/git-rsclip-base-random" --images 16 --texts 32 --batches 1,8
+
+export-env:
+	@$(ENV) [ -x "$$RSCLIP_LOCAL/venv-export/bin/python" ] && \
+	  [ "$$(cat "$$RSCLIP_LOCAL/venv-export/.req" 2>/dev/null)" = "$$(sha256sum tools/requirements-export.txt)" ] || \
+	  { python3 -m venv "$$RSCLIP_LOCAL/venv-export" && "$$RSCLIP_LOCAL/venv-export/bin/pip" install -q -r tools/requirements-export.txt && \
+	    sha256sum tools/requirements-export.txt > "$$RSCLIP_LOCAL/venv-export/.req"; }
+
 # Regenerates the committed test fixture (needs tools/requirements-export.txt: torch etc.).
-fixture:
-	@$(ENV) [ -x "$$RSCLIP_LOCAL/venv-export/bin/python" ] || { python3 -m venv "$$RSCLIP_LOCAL/venv-export" && \
-	  "$$RSCLIP_LOCAL/venv-export/bin/pip" install -q -r tools/requirements-export.txt; } && \
-	  "$$RSCLIP_LOCAL/venv-export/bin/python" tools/export_model.py --tiny-random --out tests/fixtures/tiny-siglip
+fixture: export-env
+	@$(ENV) $(EXPORT_PY) tools/export_model.py --tiny-random --out tests/fixtures/tiny-siglip
 
 fuzz: setup
 	@bash fuzz/run.sh $(FUZZ_SECONDS)

@@ -53,7 +53,7 @@ How the tokenizer.json reproduces it
   characters that no rule has side by side, so NFC composes and reorders nothing else; the few
   rules for scripts newer than the NFC tables of the tokenizers crate (Unicode 9) are replayed
   literally.  Checked against ``SentencePieceProcessor.normalize`` on every code point, every
-  rule and 200k random strings: identical.
+  rule (alone and followed by a mark) and half a million random strings: identical.
 * Unknown characters all become one spare unknown character (no id changes; the Unigram model
   can then never spell "<pad>" out of a fullwidth "＜pad＞"), and control pieces get scores below
   any spelling of them with normal pieces, since SentencePiece never matches them in text.
@@ -61,8 +61,9 @@ How the tokenizer.json reproduces it
   spaces into "▁" and splits, so each word is segmented on its own (no piece has an inner "▁").
 * The post-processor appends "</s>"; truncation and padding (pad id 1, "</s>") are set inside.
 
-Checked with the Rust crate the extension uses (tokenizers 0.22.2, same onig and Unicode
-crates): same ids as the Python binding on all --check strings and sweeps.
+Also checked once, outside this file, with the Rust crate the extension uses (tokenizers 0.22.2
+with the project's Cargo.lock): the same ids as the Python binding on all --check strings and
+sweeps.
 
 Known differences
 -----------------
@@ -76,9 +77,10 @@ code point in four contexts) finds none.  Latent ones, for other vocabularies or
   warns when the vocabulary has such pieces.
 * SentencePiece adds Viterbi scores in float32, the Unigram model in float64: a near tie between
   two segmentations could go either way.  None seen with the tiny model.
-* The Python side's Unicode version (14.0 here) versus Rust's (17.0 in the crate and the Python
-  binding): handled where it shows (lowercasing, whitespace); a Python with other Unicode tables
-  makes a different, equally matched tokenizer.json.
+* Unicode versions: Python's tables (14.0 here) against Rust's (17.0 for both the Python binding
+  and rustc 1.95) are handled where they differ (lowercasing, whitespace, the charsmap's newer
+  compositions), as probed when converting; a consumer built with a Rust of other Unicode
+  tables than the binding's could lowercase a newly cased letter differently.
 """
 from __future__ import annotations
 
