@@ -54,13 +54,16 @@ def session(path, threads):
     return s, (time.perf_counter() - t0) * 1e3
 
 
-def rate(n, fn, rounds):
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return n / statistics.median(times)
+def rates(n, fns, rounds):
+    """Median throughput of each pipeline, rounds interleaved so machine noise hits all alike."""
+    times = {name: [] for name, _ in fns}
+    for r in range(rounds):
+        order = fns if r % 2 == 0 else list(reversed(fns))
+        for name, fn in order:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: n / statistics.median(t) for name, t in times.items()}
 
 
 def main():
@@ -130,10 +133,8 @@ def main():
             def rsclip_t():
                 c.execute("SELECT rsclip_encode_texts(%s)", (texts,)).fetchone()
 
-            r = {name: rate(len(images), fn, a.rounds) for name, fn in (("bare", bare_v), ("python", python_v), ("rsclip", rsclip_v))}
-            results["images"][b] = r
-            t = {name: rate(len(texts), fn, a.rounds) for name, fn in (("bare", bare_t), ("python", python_t), ("rsclip", rsclip_t))}
-            results["texts"][b] = t
+            results["images"][b] = rates(len(images), [("bare", bare_v), ("python", python_v), ("rsclip", rsclip_v)], a.rounds)
+            results["texts"][b] = rates(len(texts), [("bare", bare_t), ("python", python_t), ("rsclip", rsclip_t)], a.rounds)
 
     print(f"\nencoding throughput, model {manifest['model_id']} ({size} px, {manifest['embedding_dim']}-d), "
           f"{a.threads} intra-op threads, CPU, median of {a.rounds}")
