@@ -178,3 +178,58 @@ def test_missing_model_and_wrong_library_name_the_path(dbname):
         with pytest.raises(psycopg.errors.UndefinedFile, match="/nonexistent/libonnxruntime.so"):
             c.execute("SELECT rsclip_encode_text('a')")
         assert c.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_sessions_rebuild_when_the_model_files_change(dbname):
+    import shutil
+    local = Path(os.environ["RSCLIP_LOCAL"])
+    src = local / "models" / "tiny-siglip"
+    dst = local / "models" / f"rebuild-{os.getpid()}"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    os.chmod(dst, 0o755)
+    try:
+        with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+            c.execute("SELECT set_config('rsclip.model_path', %s, false)", (str(dst),))
+            c.execute("SELECT rsclip_encode_text('harbour')")
+            before = c.execute("SELECT rsclip_model_info()").fetchone()[0]
+            # A new manifest (a re-export would change it): same files, different logit bias.
+            manifest = json.loads((dst / "rsclip.json").read_text())
+            manifest["logit_bias"] = manifest["logit_bias"] + 1.0
+            (dst / "rsclip.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            c.execute("SELECT rsclip_encode_text('harbour')")
+            after = c.execute("SELECT rsclip_model_info()").fetchone()[0]
+            assert after["load_counts"]["model_opens"] == before["load_counts"]["model_opens"] + 1
+            assert after["load_counts"]["text"] == before["load_counts"]["text"] + 1
+            assert after["logit_bias"] == before["logit_bias"] + 1.0
+            # A damaged graph is caught by its checksum, naming the file.
+            data = bytearray((dst / "vision.onnx").read_bytes())
+            data[200] ^= 0xFF
+            (dst / "vision.onnx").write_bytes(bytes(data))
+            with pytest.raises(psycopg.errors.IoError, match="vision.onnx"):
+                c.execute("SELECT rsclip_encode_image(%s)", (image_bytes("exact_64x64.png"),))
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)
+
+
+def test_tiff_band_selection(conn):
+    tif = image_bytes("multiband16_72x56.tif")
+    default = emb(conn, "SELECT rsclip_encode_image(%s)::text", (tif,))
+    conn.execute("SET rsclip.tiff_bands = '4,3,2'")
+    swapped = emb(conn, "SELECT rsclip_encode_image(%s)::text", (tif,))
+    assert cosine(default, swapped) < 0.99999
+    conn.execute("SET rsclip.tiff_bands = '1,2,9'")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="band 9 selected but the image has 4 bands"):
+        conn.execute("SELECT rsclip_encode_image(%s)", (tif,))
+    conn.execute("SET rsclip.tiff_bands = '0,1,2'")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="rsclip.tiff_bands"):
+        conn.execute("SELECT rsclip_encode_image(%s)", (tif,))
+    conn.execute("RESET rsclip.tiff_bands")
+    assert cosine(emb(conn, "SELECT rsclip_encode_image(%s)::text", (tif,)), default) > 0.999999
+
+
+def test_max_image_pixels_setting(conn):
+    conn.execute("SET rsclip.max_image_pixels = 1000")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="97x61 pixels, more than rsclip.max_image_pixels"):
+        conn.execute("SELECT rsclip_encode_image(%s)", (image_bytes("rgb_97x61.png"),))
+    conn.execute("RESET rsclip.max_image_pixels")
