@@ -210,15 +210,19 @@ pub fn with_model<R>(f: impl FnOnce(&mut Loaded, &mut LoadCounts) -> R) -> R {
     })
 }
 
-fn load_encoder(loaded: &Loaded, vision: bool) -> Encoder {
+/// Creates one encoder session; returns it with its creation time in milliseconds.
+fn load_encoder(loaded: &Loaded, vision: bool) -> (Encoder, f64) {
+    let started = std::time::Instant::now();
     let env = ensure_environment(&loaded.key.library).unwrap_or_else(|e| raise_runtime(e));
     let spec = if vision {
         &loaded.model.manifest.vision
     } else {
         &loaded.model.manifest.text
     };
-    Encoder::load(&env, &loaded.model, spec, &loaded.key.options)
-        .unwrap_or_else(|e| raise_runtime(e))
+    let encoder = Encoder::load(&env, &loaded.model, spec, &loaded.key.options)
+        .unwrap_or_else(|e| raise_runtime(e));
+    notice_cpu_fallback(&encoder, &loaded.key.options);
+    (encoder, started.elapsed().as_secs_f64() * 1e3)
 }
 
 fn notice_cpu_fallback(encoder: &Encoder, options: &RuntimeOptions) {
@@ -233,12 +237,10 @@ fn notice_cpu_fallback(encoder: &Encoder, options: &RuntimeOptions) {
 impl Loaded {
     pub fn vision(&mut self, counts: &mut LoadCounts) -> &mut Encoder {
         if self.vision.is_none() {
-            let t = std::time::Instant::now();
-            let e = load_encoder(self, true);
+            let (encoder, ms) = load_encoder(self, true);
             counts.vision_loads += 1;
-            counts.vision_load_ms = t.elapsed().as_secs_f64() * 1e3;
-            notice_cpu_fallback(&e, &self.key.options);
-            self.vision = Some(e);
+            counts.vision_load_ms = ms;
+            self.vision = Some(encoder);
         }
         self.vision.as_mut().expect("loaded")
     }
@@ -250,12 +252,10 @@ impl Loaded {
             counts.tokenizer_loads += 1;
         }
         if self.text.is_none() {
-            let t = std::time::Instant::now();
-            let e = load_encoder(self, false);
+            let (encoder, ms) = load_encoder(self, false);
             counts.text_loads += 1;
-            counts.text_load_ms = t.elapsed().as_secs_f64() * 1e3;
-            notice_cpu_fallback(&e, &self.key.options);
-            self.text = Some(e);
+            counts.text_load_ms = ms;
+            self.text = Some(encoder);
         }
         (
             self.text.as_mut().expect("loaded"),

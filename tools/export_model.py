@@ -16,10 +16,8 @@ The environment comes from tools/requirements-export.txt (torch, transformers, o
 """
 import argparse
 import hashlib
-import io
 import json
 import math
-import shutil
 import sys
 import tempfile
 from pathlib import Path

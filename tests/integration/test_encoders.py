@@ -8,7 +8,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from conftest import URI, uri_for
+from conftest import uri_for
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 REFERENCE = json.loads((FIXTURES / "reference" / "reference.json").read_text())
