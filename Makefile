@@ -25,10 +25,10 @@ install: setup
 lint: setup
 	@$(ENV) cargo fmt --all -- --check
 	@$(ENV) cargo clippy --all-targets --features pg$(PG) --no-default-features -- -D warnings
-	@$(ENV) cargo clippy -p rsclip-core -p rsclip-model --all-targets -- -D warnings
+	@$(ENV) cargo clippy -p rsclip-core -p rsclip-model -p rsclip-index --all-targets -- -D warnings
 
 unit: setup
-	@$(ENV) cargo test -p rsclip-core -p rsclip-model
+	@$(ENV) cargo test -p rsclip-core -p rsclip-model -p rsclip-index
 
 pgtest: setup
 	@$(ENV) mkdir -p "$$RSCLIP_LOCAL/pgrx-test" && { [ "$$(id -u)" != 0 ] || chown "$$PG_USER" "$$RSCLIP_LOCAL/pgrx-test"; } && \
@@ -81,6 +81,7 @@ export-env:
 # Regenerates the committed test fixture (needs tools/requirements-export.txt: torch etc.).
 fixture: export-env
 	@$(ENV) $(EXPORT_PY) tools/export_model.py --tiny-random --out tests/fixtures/tiny-siglip
+	@$(ENV) $(EXPORT_PY) tools/export_model.py --tiny-random --precision fp16 --out tests/fixtures/tiny-siglip-fp16
 
 fuzz: setup
 	@bash fuzz/run.sh $(FUZZ_SECONDS)

@@ -23,6 +23,7 @@ fn decode_options() -> DecodeOptions {
     DecodeOptions {
         max_pixels: settings::MAX_IMAGE_PIXELS.get().max(1) as u64,
         bands: [parsed[0] - 1, parsed[1] - 1, parsed[2] - 1],
+        reduce_to: None,
     }
 }
 
@@ -73,8 +74,13 @@ fn pixel_batch(
     first_index: usize,
     single: bool,
 ) -> Vec<f32> {
-    let opts = decode_options();
     let pre = &loaded.preprocessing;
+    let opts = DecodeOptions {
+        reduce_to: settings::JPEG_FAST_DOWNSCALE
+            .get()
+            .then_some(pre.image_size),
+        ..decode_options()
+    };
     let per = pre.tensor_len();
     let mut out = vec![0f32; per * images.len()];
     let results: Vec<Result<(), DecodeError>> = if threads <= 1 || images.len() <= 1 {
@@ -326,7 +332,7 @@ pg_function! {
                 1.0 - rsclip_core::distance::cosine_distance(a, b)
             })
         };
-        let (scale, bias) = model::with_model(|l, _| (l.model.manifest.logit_scale, l.model.manifest.logit_bias));
+        let (scale, bias) = model::logit_params();
         float8_datum(rsclip_model::probability(cos, scale, bias))
     }
 }
@@ -338,6 +344,7 @@ pg_function! {
         let info = model::with_model(|l, counts| {
             let m = &l.model.manifest;
             let (vision, text) = l.providers();
+            let cache = l.optimized_cache();
             let opts = l.options();
             serde_json::json!({
                 "model_id": m.model_id,
@@ -356,6 +363,7 @@ pg_function! {
                 "intra_op_threads": opts.intra_op_threads,
                 "onnxruntime_version": rsclip_model::runtime::ort_version(),
                 "sessions_loaded": {"vision": vision.is_some(), "text": text.is_some()},
+                "optimized_cache": {"vision": cache.0, "text": cache.1},
                 "load_counts": {
                     "model_opens": counts.model_opens,
                     "vision": counts.vision_loads,

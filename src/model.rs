@@ -70,6 +70,10 @@ pub fn raise_runtime(e: RuntimeError) -> ! {
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
         }
         RuntimeError::Inference(_) => PgSqlErrorCode::ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
+        RuntimeError::OptimizedCache { dir, .. } if !dir.exists() => {
+            PgSqlErrorCode::ERRCODE_UNDEFINED_FILE
+        }
+        RuntimeError::OptimizedCache { .. } => PgSqlErrorCode::ERRCODE_IO_ERROR,
     };
     error(code, format!("rsclip: {e}"))
 }
@@ -210,6 +214,30 @@ pub fn with_model<R>(f: impl FnOnce(&mut Loaded, &mut LoadCounts) -> R) -> R {
     })
 }
 
+/// The manifest's `(logit_scale, logit_bias)`, looked up once per statement and model path.
+///
+/// `rsclip_probability` runs once per row; `with_model` would read every setting and stat the
+/// manifest on each call. Settings cannot change in the middle of a statement, so the statement
+/// start time together with the model path identifies the answer.
+pub fn logit_params() -> (f64, f64) {
+    /// (statement start, model path, (scale, bias))
+    type Cached = (pg_sys::TimestampTz, Option<String>, (f64, f64));
+    thread_local! {
+        static CACHED: RefCell<Option<Cached>> = const { RefCell::new(None) };
+    }
+    // SAFETY: plain read of the current transaction state's statement start time.
+    let statement = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+    let path = settings::string(&settings::MODEL_PATH);
+    if let Some((ts, p, params)) = CACHED.with(|c| c.borrow().clone()) {
+        if ts == statement && p == path {
+            return params;
+        }
+    }
+    let params = with_model(|l, _| (l.model.manifest.logit_scale, l.model.manifest.logit_bias));
+    CACHED.with(|c| *c.borrow_mut() = Some((statement, path, params)));
+    params
+}
+
 /// Creates one encoder session; returns it with its creation time in milliseconds.
 fn load_encoder(loaded: &Loaded, vision: bool) -> (Encoder, f64) {
     let started = std::time::Instant::now();
@@ -260,6 +288,13 @@ impl Loaded {
         (
             self.text.as_mut().expect("loaded"),
             self.tokenizer.as_ref().expect("loaded"),
+        )
+    }
+
+    pub fn optimized_cache(&self) -> (Option<&'static str>, Option<&'static str>) {
+        (
+            self.vision.as_ref().map(|e| e.optimized_cache.as_str()),
+            self.text.as_ref().map(|e| e.optimized_cache.as_str()),
         )
     }
 

@@ -44,6 +44,7 @@ pub static OPTIMIZED_MODEL_CACHE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 pub static MAX_IMAGE_PIXELS: GucSetting<i32> = GucSetting::<i32>::new(100_000_000);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8);
+pub static JPEG_FAST_DOWNSCALE: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static TIFF_BANDS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"1,2,3"));
 
@@ -114,6 +115,14 @@ pub fn register() {
         c"",
         &OPTIMIZED_MODEL_CACHE,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"rsclip.jpeg_fast_downscale",
+        c"Decode large JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg IDCT scaling) while both sides stay at least 4x the model's image size.",
+        c"Much less decoding work for big photos; pixels stay within one level of the full decode. Off = decode at full size, exactly as Pillow does.",
+        &JPEG_FAST_DOWNSCALE,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

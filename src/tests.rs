@@ -367,4 +367,75 @@ mod tests {
             Some(true)
         );
     }
+
+    // ---- encoders, on the committed fixture (the test server's rsclip.model_path) ----
+
+    #[pg_test]
+    fn encoders_in_a_transaction() {
+        // Unit-length embeddings of the model's dimension; NULL in, NULL out.
+        assert!(
+            (float("SELECT embedding_norm(rsclip_encode_text('a harbour'))") - 1.0).abs() < 1e-5
+        );
+        assert_eq!(
+            Spi::get_one::<i32>("SELECT embedding_dims(rsclip_encode_text('a harbour'))")
+                .unwrap()
+                .unwrap(),
+            32
+        );
+        assert!(Spi::get_one::<bool>(
+            "SELECT rsclip_encode_text(NULL) IS NULL AND rsclip_encode_image(NULL) IS NULL"
+        )
+        .unwrap()
+        .unwrap());
+        // Deterministic, and array forms equal single calls.
+        assert_eq!(
+            text("SELECT rsclip_encode_text('flooded farmland')::text"),
+            text("SELECT (rsclip_encode_texts(ARRAY['x', 'flooded farmland']))[2]::text")
+        );
+        // A text-only transaction loads the text graph once and never the vision graph.
+        Spi::run("SELECT rsclip_encode_text(t) FROM unnest(ARRAY['a','b','c']) t").unwrap();
+        let info = text("SELECT rsclip_model_info()::text");
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(info["load_counts"]["text"], 1, "{info}");
+        assert_eq!(info["sessions_loaded"]["vision"], false, "{info}");
+        assert_eq!(info["embedding_dim"], 32);
+        // The probability is SigLIP's sigmoid of the scaled cosine, from the manifest.
+        let scale = info["logit_scale"].as_f64().unwrap();
+        let bias = info["logit_bias"].as_f64().unwrap();
+        let cos = float("SELECT rsclip_score(rsclip_encode_text('a'), rsclip_encode_text('b'))");
+        let want = 1.0 / (1.0 + (-(cos * scale.exp() + bias)).exp());
+        let got =
+            float("SELECT rsclip_probability(rsclip_encode_text('a'), rsclip_encode_text('b'))");
+        assert!((got - want).abs() <= 1e-9 + 1e-6 * want, "{got} vs {want}");
+    }
+
+    #[pg_test]
+    fn encoder_bad_input_is_an_error_and_the_transaction_goes_on() {
+        assert_error("SELECT rsclip_encode_image(''::bytea)", "22P03", "empty");
+        assert_error(
+            "SELECT rsclip_encode_image('\\x00010203'::bytea)",
+            "22023",
+            "format",
+        );
+        assert_error(
+            "SELECT rsclip_encode_image('\\xffd8ffe000104a464946'::bytea)",
+            "22P03",
+            "JPEG",
+        );
+        // A JPEG frame header declaring 0x0 pixels.
+        assert_error(
+            "SELECT rsclip_encode_image('\\xffd8ffc0000b080000000001011100ffd9'::bytea)",
+            "22P03",
+            "0x0",
+        );
+        assert_error(
+            "SELECT rsclip_probability('[1,0]'::embedding, '[1,0,0]'::embedding)",
+            "22000",
+            "dimensions",
+        );
+        // Still usable afterwards, in the same transaction.
+        assert!(
+            (float("SELECT embedding_norm(rsclip_encode_text('still alive'))") - 1.0).abs() < 1e-5
+        );
+    }
 }

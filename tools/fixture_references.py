@@ -59,7 +59,8 @@ def png_16bit_rgb(path: Path, arr: np.ndarray):
 
 
 def make_images(d: Path) -> dict:
-    """Writes the test images; returns name -> kind ("png", "jpeg", "tiff", "webp", "stretch")."""
+    """Writes the test images; returns name -> kind ("png", "jpeg", "tiff", "webp", "lossy-webp",
+    "stretch")."""
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(7)
     kinds = {}
@@ -95,6 +96,18 @@ def make_images(d: Path) -> dict:
     bands = np.stack([smooth_rgb(rng, 72, 56, 1)[..., 0].astype(np.uint16) * 40 + 300 * b for b in range(4)], axis=2)
     tifffile.imwrite(d / "multiband16_72x56.tif", bands, photometric="minisblack", planarconfig="contig")
     kinds["multiband16_72x56.tif"] = "stretch"
+
+    # Every EXIF orientation on a non-square lossless image (exact comparison), and one more on a
+    # JPEG; then lossy WebP, whose decoders may differ slightly (compared with JPEG's tolerance).
+    for code in (2, 3, 4, 5, 7, 8):
+        exif = Image.Exif()
+        exif[0x0112] = code
+        name = f"exif{code}_37x23.png"
+        Image.fromarray(smooth_rgb(rng, 37, 23)).save(d / name, exif=exif); kinds[name] = "png"
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(smooth_rgb(rng, 90, 70)).save(d / "exif8_90x70.jpg", quality=92, exif=exif); kinds["exif8_90x70.jpg"] = "jpeg"
+    Image.fromarray(smooth_rgb(rng, 81, 57)).save(d / "lossy_81x57.webp", quality=85); kinds["lossy_81x57.webp"] = "lossy-webp"
     return kinds
 
 

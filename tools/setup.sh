@@ -71,9 +71,11 @@ if ! grep -q "pg15" "$PGRX_HOME/config.toml" 2>/dev/null || ! grep -q "pg18" "$P
 fi
 # The servers read the test model from local state, which their user can always reach.
 mkdir -p "$RSCLIP_LOCAL/models"
-rm -rf "$RSCLIP_LOCAL/models/tiny-siglip.tmp"
-cp -r "$RSCLIP_ROOT/tests/fixtures/tiny-siglip" "$RSCLIP_LOCAL/models/tiny-siglip.tmp"
-rm -rf "$RSCLIP_LOCAL/models/tiny-siglip"
-mv "$RSCLIP_LOCAL/models/tiny-siglip.tmp" "$RSCLIP_LOCAL/models/tiny-siglip"
+for fixture in tiny-siglip tiny-siglip-fp16; do
+    rm -rf "$RSCLIP_LOCAL/models/$fixture.tmp"
+    cp -r "$RSCLIP_ROOT/tests/fixtures/$fixture" "$RSCLIP_LOCAL/models/$fixture.tmp"
+    rm -rf "$RSCLIP_LOCAL/models/$fixture"
+    mv "$RSCLIP_LOCAL/models/$fixture.tmp" "$RSCLIP_LOCAL/models/$fixture"
+done
 chmod -R a+rX "$RSCLIP_LOCAL/models"
 say "ready (local state in $RSCLIP_LOCAL)"

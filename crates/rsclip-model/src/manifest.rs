@@ -114,9 +114,9 @@ impl ModelDir {
                 manifest.format
             ));
         }
-        if manifest.precision != "fp32" {
+        if !matches!(manifest.precision.as_str(), "fp32" | "fp16") {
             return invalid(format!(
-                "precision {} is not supported yet (fp32 only)",
+                "precision {} is not supported (fp32 or fp16)",
                 manifest.precision
             ));
         }

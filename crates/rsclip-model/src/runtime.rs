@@ -31,7 +31,7 @@ pub struct RuntimeOptions {
     pub intra_op_threads: usize,
     /// 0 = disable, 1 = basic, 2 = extended, 3 = all.
     pub optimization_level: u8,
-    /// Where to save the optimized graphs (`<dir>/<name>.opt.onnx`), if anywhere.
+    /// Where optimized graphs are cached across sessions (see [`OptimizedCache`]), if anywhere.
     pub optimized_model_dir: Option<PathBuf>,
 }
 
@@ -68,6 +68,11 @@ pub enum RuntimeError {
     },
     CudaUnavailable(String),
     Inference(String),
+    /// `rsclip.optimized_model_cache` names a directory that cannot be used.
+    OptimizedCache {
+        dir: PathBuf,
+        detail: String,
+    },
 }
 
 impl fmt::Display for RuntimeError {
@@ -86,6 +91,11 @@ impl fmt::Display for RuntimeError {
             RuntimeError::Graph { file, detail } => write!(f, "model graph \"{}\": {detail}", file.display()),
             RuntimeError::CudaUnavailable(d) => write!(f, "CUDA execution provider is not available: {d}"),
             RuntimeError::Inference(d) => write!(f, "inference failed: {d}"),
+            RuntimeError::OptimizedCache { dir, detail } => write!(
+                f,
+                "optimized model cache directory \"{}\": {detail}",
+                dir.display()
+            ),
         }
     }
 }
@@ -184,6 +194,131 @@ pub struct Encoder {
     /// "cpu" or "cuda:N": the provider actually in use.
     pub provider: String,
     pub file: PathBuf,
+    /// Whether the session came from `rsclip.optimized_model_cache`.
+    pub optimized_cache: CacheState,
+}
+
+/// What the optimized-graph cache did for one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheState {
+    /// No cache directory configured.
+    Off,
+    /// Loaded the graph ONNX Runtime had optimized earlier: no optimization passes this time.
+    Hit,
+    /// Optimized the original graph and saved the result for the next session.
+    Written,
+}
+
+impl CacheState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheState::Off => "off",
+            CacheState::Hit => "hit",
+            CacheState::Written => "written",
+        }
+    }
+}
+
+fn optimization_level(level: u8) -> GraphOptimizationLevel {
+    match level {
+        0 => GraphOptimizationLevel::Disable,
+        1 => GraphOptimizationLevel::Level1,
+        2 => GraphOptimizationLevel::Level2,
+        _ => GraphOptimizationLevel::Level3,
+    }
+}
+
+/// The instruction sets that change ONNX Runtime's CPU graph rewrites (NCHWc blocking width).
+fn cpu_tag() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return "avx2";
+        }
+    }
+    "base"
+}
+
+/// One cached optimized graph:
+/// `<dir>/<graph>-<sha256 prefix>-o<level>-<provider>-<cpu>-ort<version>.onnx`.
+///
+/// Everything that changes what ONNX Runtime's optimizer produces is in the name: the source
+/// graph (by checksum, so a re-export never loads a stale file), the optimization level, the
+/// provider and CPU (level-3 graphs contain hardware-specific rewrites) and the runtime version.
+/// ONNX Runtime writes to a temporary name that is renamed into place, so a crash or two backends
+/// saving at once never leave a half-written file under the final name.
+struct OptimizedCache {
+    path: PathBuf,
+    temporary: PathBuf,
+}
+
+impl OptimizedCache {
+    fn new(
+        dir: &Path,
+        model: &ModelDir,
+        spec: &GraphSpec,
+        provider: &str,
+        opts: &RuntimeOptions,
+    ) -> Result<Self, RuntimeError> {
+        let problem = |detail: &str| RuntimeError::OptimizedCache {
+            dir: dir.to_path_buf(),
+            detail: detail.to_string(),
+        };
+        if !dir.is_absolute() {
+            return Err(problem("the path must be absolute"));
+        }
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(problem("not a directory")),
+            Err(e) => return Err(problem(&e.to_string())),
+        }
+        let stem = spec.file.trim_end_matches(".onnx");
+        let sha256 = model
+            .manifest
+            .files
+            .get(&spec.file)
+            .map(|f| f.sha256.as_str())
+            .unwrap_or("unlisted");
+        let checksum: String = sha256
+            .chars()
+            .filter(char::is_ascii_hexdigit)
+            .take(16)
+            .collect();
+        let version: String = ort::info()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(40)
+            .collect();
+        let provider = provider.replace(':', "");
+        let name = format!(
+            "{stem}-{checksum}-o{}-{provider}-{}-ort{version}.onnx",
+            opts.optimization_level,
+            cpu_tag()
+        );
+        Ok(OptimizedCache {
+            temporary: dir.join(format!(".{name}.{}.tmp", std::process::id())),
+            path: dir.join(name),
+        })
+    }
+
+    fn publish(&self) -> Result<(), RuntimeError> {
+        std::fs::rename(&self.temporary, &self.path).map_err(|e| {
+            let _ = std::fs::remove_file(&self.temporary);
+            RuntimeError::OptimizedCache {
+                dir: self.path.parent().unwrap_or(Path::new("")).to_path_buf(),
+                detail: format!("could not save the optimized graph: {e}"),
+            }
+        })
+    }
 }
 
 impl Encoder {
@@ -196,19 +331,33 @@ impl Encoder {
         opts: &RuntimeOptions,
     ) -> Result<Encoder, RuntimeError> {
         let file = model.dir.join(&spec.file);
-        let bytes = model.read_verified(&spec.file)?;
         let graph_err = |detail: String| RuntimeError::Graph {
             file: file.clone(),
             detail,
         };
-        let level = match opts.optimization_level {
-            0 => GraphOptimizationLevel::Disable,
-            1 => GraphOptimizationLevel::Level1,
-            2 => GraphOptimizationLevel::Level2,
-            _ => GraphOptimizationLevel::Level3,
+        let level = optimization_level(opts.optimization_level);
+        let use_cuda = if opts.provider == Provider::Cpu {
+            false
+        } else {
+            let available =
+                <ort::ep::CUDA as ort::ep::ExecutionProvider>::is_available().unwrap_or(false);
+            if !available && opts.provider == Provider::Cuda {
+                return Err(RuntimeError::CudaUnavailable(
+                    "this ONNX Runtime library has no CUDA execution provider (install onnxruntime-gpu and point rsclip.onnxruntime_library at it)".into(),
+                ));
+            }
+            available
         };
-        let (session, provider) = with_signals_blocked(
-            || -> Result<(Session, String), RuntimeError> {
+        let provider = if use_cuda {
+            format!("cuda:{}", opts.cuda_device)
+        } else {
+            "cpu".to_string()
+        };
+        let build = |level: GraphOptimizationLevel,
+                     save_to: Option<&Path>,
+                     graph: &[u8]|
+         -> Result<Session, RuntimeError> {
+            with_signals_blocked(|| {
                 let mut builder = Session::builder(env)
                     .map_err(ort_err)?
                     .with_optimization_level(level)
@@ -217,38 +366,56 @@ impl Encoder {
                     .map_err(|e| ort_err(e.into()))?
                     .with_inter_threads(1)
                     .map_err(|e| ort_err(e.into()))?;
-                if let Some(dir) = &opts.optimized_model_dir {
+                if let Some(path) = save_to {
                     builder = builder
-                        .with_optimized_model_path(
-                            dir.join(format!("{}.opt.onnx", spec.file.trim_end_matches(".onnx"))),
-                        )
+                        .with_optimized_model_path(path)
                         .map_err(|e| ort_err(e.into()))?;
                 }
-                let mut provider = "cpu".to_string();
-                if opts.provider != Provider::Cpu {
+                if use_cuda {
                     let mut cuda = ort::ep::CUDA::default().with_device_id(opts.cuda_device);
                     if let Some(limit) = opts.gpu_mem_limit {
                         cuda = cuda.with_memory_limit(limit);
                     }
-                    let available = <ort::ep::CUDA as ort::ep::ExecutionProvider>::is_available()
-                        .unwrap_or(false);
-                    if available {
-                        builder = builder
-                            .with_execution_providers([cuda.build().error_on_failure()])
-                            .map_err(|e| ort_err(e.into()))?;
-                        provider = format!("cuda:{}", opts.cuda_device);
-                    } else if opts.provider == Provider::Cuda {
-                        return Err(RuntimeError::CudaUnavailable(
-                        "this ONNX Runtime library has no CUDA execution provider (install onnxruntime-gpu and point rsclip.onnxruntime_library at it)".into(),
-                    ));
-                    }
+                    builder = builder
+                        .with_execution_providers([cuda.build().error_on_failure()])
+                        .map_err(|e| ort_err(e.into()))?;
                 }
-                let session = builder
-                    .commit_from_memory(&bytes)
-                    .map_err(|e| graph_err(e.to_string()))?;
-                Ok((session, provider))
-            },
-        )?;
+                builder
+                    .commit_from_memory(graph)
+                    .map_err(|e| graph_err(e.to_string()))
+            })
+        };
+        let cache = match &opts.optimized_model_dir {
+            Some(dir) => Some(OptimizedCache::new(dir, model, spec, &provider, opts)?),
+            None => None,
+        };
+        let mut cache_state = CacheState::Off;
+        let mut session = None;
+        if let Some(cache) = &cache {
+            // A graph ONNX Runtime already optimized for this provider and version loads with
+            // optimizations off; a damaged or stale file is simply replaced below.
+            if let Ok(graph) = std::fs::read(&cache.path) {
+                if let Ok(s) = build(GraphOptimizationLevel::Disable, None, &graph) {
+                    session = Some(s);
+                    cache_state = CacheState::Hit;
+                }
+            }
+        }
+        let session = match session {
+            Some(s) => s,
+            None => {
+                let bytes = model.read_verified(&spec.file)?;
+                match &cache {
+                    Some(cache) => {
+                        let s = build(level, Some(&cache.temporary), &bytes)?;
+                        cache.publish()?;
+                        cache_state = CacheState::Written;
+                        s
+                    }
+                    None => build(level, None, &bytes)?,
+                }
+            }
+        };
         let input = session
             .inputs()
             .iter()
@@ -265,6 +432,30 @@ impl Encoder {
                 spec.input, spec.output
             )));
         };
+        // rsclip feeds float32 pixels or int64 ids and reads float32 embeddings; fp16 models keep
+        // float32 inputs and outputs (the exporter converts with keep_io_types).
+        let element_type = |values: &[ort::value::Outlet], name: &str| {
+            values
+                .iter()
+                .find(|o| o.name() == name)
+                .and_then(|o| match o.dtype() {
+                    ort::value::ValueType::Tensor { ty, .. } => Some(*ty),
+                    _ => None,
+                })
+        };
+        use ort::value::TensorElementType as T;
+        let input_type = element_type(session.inputs(), &input);
+        if !matches!(input_type, Some(T::Float32 | T::Int64)) {
+            return Err(graph_err(format!(
+                "input \"{input}\" has element type {input_type:?}; rsclip feeds float32 pixels or int64 token ids (export fp16 models with tools/export_model.py, which keeps float32 inputs and outputs)"
+            )));
+        }
+        let output_type = element_type(session.outputs(), &output);
+        if output_type != Some(T::Float32) {
+            return Err(graph_err(format!(
+                "output \"{output}\" has element type {output_type:?}; rsclip reads float32 embeddings"
+            )));
+        }
         let dim = match session
             .outputs()
             .iter()
@@ -289,6 +480,7 @@ impl Encoder {
             dim: dim as usize,
             provider,
             file,
+            optimized_cache: cache_state,
         })
     }
 

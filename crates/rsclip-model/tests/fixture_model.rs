@@ -76,7 +76,8 @@ fn image_embeddings_match_pytorch() {
         let cos = cosine(&got, &want);
         let kind = entry["kind"].as_str().unwrap();
         eprintln!("{name:<26} {kind:>7} {cos:>14.9}");
-        let bound = if kind == "jpeg" { 0.9999 } else { 0.99999 };
+        // The issue asks >= 0.9999 for JPEG; with libjpeg-turbo's decoder every format is exact.
+        let bound = 0.99999;
         if cos < bound {
             failures.push(format!("{name}: cosine {cos}"));
         }
@@ -194,4 +195,206 @@ fn bad_model_directories_name_the_file() {
         "{err}"
     );
     std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// The fp16 export (float16 weights and compute, float32 inputs and outputs) stays close to the
+/// float32 PyTorch reference.
+#[test]
+fn fp16_model_stays_close_to_the_fp32_reference() {
+    let env = ensure_environment(&library()).unwrap();
+    let model = ModelDir::open(&fixtures().join("tiny-siglip-fp16")).expect("fp16 fixture");
+    let m = &model.manifest;
+    assert_eq!(m.precision, "fp16");
+    let pre = Preprocessing::from_manifest(m);
+    let mut vision = Encoder::load(&env, &model, &m.vision, &RuntimeOptions::default()).unwrap();
+    let reference = reference();
+    let mut worst = 1f64;
+    for entry in reference["images"].as_object().unwrap().values() {
+        let file = fixtures()
+            .join("reference")
+            .join(entry["file"].as_str().unwrap());
+        let rgb = decode_rgb8(&std::fs::read(file).unwrap(), &DecodeOptions::default()).unwrap();
+        let mut px = vec![0f32; pre.tensor_len()];
+        pre.pixel_values(&rgb, &mut px);
+        let got = vision
+            .run_f32(&[1, 3, m.image_size, m.image_size], px)
+            .unwrap();
+        worst = worst.min(cosine(&got, &floats(&entry["embedding"])));
+    }
+    let tok = TextTokenizer::load(&model).unwrap();
+    let mut text = Encoder::load(&env, &model, &m.text, &RuntimeOptions::default()).unwrap();
+    for entry in reference["texts"].as_array().unwrap() {
+        let ids = tok.encode(entry["text"].as_str().unwrap()).unwrap();
+        let got = text.run_i64(&[1, m.max_text_length], ids).unwrap();
+        worst = worst.min(cosine(&got, &floats(&entry["embedding"])));
+    }
+    eprintln!("fp16 vs PyTorch fp32: worst cosine {worst:.7}");
+    assert!(worst >= 0.999, "fp16 worst cosine {worst}");
+}
+
+/// `optimized_model_dir`: the first session optimizes and saves, the next one loads the saved
+/// graph without re-optimizing, and both compute the same embeddings.
+#[test]
+fn optimized_graph_cache_is_written_then_hit() {
+    use rsclip_model::runtime::{CacheState, RuntimeError};
+    let env = ensure_environment(&library()).unwrap();
+    let model = model();
+    let m = &model.manifest;
+    let dir = std::env::temp_dir().join(format!("rsclip-optcache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let opts = RuntimeOptions {
+        optimized_model_dir: Some(dir.clone()),
+        ..RuntimeOptions::default()
+    };
+    let ids = TextTokenizer::load(&model)
+        .unwrap()
+        .encode("an airport with parked planes")
+        .unwrap();
+    let mut plain = Encoder::load(&env, &model, &m.text, &RuntimeOptions::default()).unwrap();
+    assert_eq!(plain.optimized_cache, CacheState::Off);
+    let want = plain.run_i64(&[1, m.max_text_length], ids.clone()).unwrap();
+    let mut first = Encoder::load(&env, &model, &m.text, &opts).unwrap();
+    assert_eq!(first.optimized_cache, CacheState::Written);
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "one cached graph, no temporaries: {files:?}"
+    );
+    assert!(files[0].starts_with("text-") && files[0].ends_with(".onnx"));
+    let mut second = Encoder::load(&env, &model, &m.text, &opts).unwrap();
+    assert_eq!(second.optimized_cache, CacheState::Hit);
+    for enc in [&mut first, &mut second] {
+        let got = enc.run_i64(&[1, m.max_text_length], ids.clone()).unwrap();
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-6, "cached graph differs by {diff}");
+    }
+    // A damaged cached file is replaced, not trusted.
+    let cached = dir.join(&files[0]);
+    std::fs::write(&cached, b"not a graph").unwrap();
+    let third = Encoder::load(&env, &model, &m.text, &opts).unwrap();
+    assert_eq!(third.optimized_cache, CacheState::Written);
+    assert!(std::fs::metadata(&cached).unwrap().len() > 1000);
+    // A directory that does not exist is an error naming it.
+    let missing = dir.join("missing");
+    let err = Encoder::load(
+        &env,
+        &model,
+        &m.text,
+        &RuntimeOptions {
+            optimized_model_dir: Some(missing.clone()),
+            ..RuntimeOptions::default()
+        },
+    )
+    .err()
+    .expect("missing cache directory");
+    assert!(matches!(err, RuntimeError::OptimizedCache { .. }), "{err}");
+    assert!(err.to_string().contains(missing.to_str().unwrap()), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A large, detailed JPEG (a smooth field plus fine texture, like an aerial tile) made with
+/// libjpeg's encoder at quality 90, 4:2:0.
+fn large_textured_jpeg(w: usize, h: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut rgb = vec![0u8; w * h * 3];
+    for y in 0..h {
+        for x in 0..w {
+            for c in 0..3 {
+                let field =
+                    128.0 + 60.0 * ((x as f64 / 97.0 + c as f64).sin() * (y as f64 / 61.0).cos());
+                let texture = (next() % 64) as f64 - 32.0;
+                let stripes = if (x / 3 + y / 5 + c) % 2 == 0 {
+                    20.0
+                } else {
+                    -20.0
+                };
+                rgb[(y * w + x) * 3 + c] = (field + texture + stripes).clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    let mut comp = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    comp.set_size(w, h);
+    comp.set_quality(90.0);
+    let mut started = comp.start_compress(Vec::new()).unwrap();
+    started.write_scanlines(&rgb).unwrap();
+    started.finish().unwrap()
+}
+
+/// Decoder-side JPEG reduction (IDCT scaling while both sides stay >= 4x the model size) keeps
+/// pixels and embeddings within the JPEG tolerance of the full decode, which equals Pillow's.
+#[test]
+fn jpeg_reduction_keeps_parity_within_tolerance() {
+    use rsclip_model::decode::jpeg_scale_numerator;
+    let env = ensure_environment(&library()).unwrap();
+    let model = model();
+    let m = &model.manifest;
+    let mut vision = Encoder::load(&env, &model, &m.vision, &RuntimeOptions::default()).unwrap();
+    for (w, h, target) in [
+        (1024, 768, 64),
+        (2000, 1500, 64),
+        (3000, 2400, 64),
+        (3600, 2000, 224),
+    ] {
+        let jpeg = large_textured_jpeg(w, h, w as u64 * 31 + h as u64);
+        let full = decode_rgb8(&jpeg, &DecodeOptions::default()).unwrap();
+        let reduced = decode_rgb8(
+            &jpeg,
+            &DecodeOptions {
+                reduce_to: Some(target),
+                ..DecodeOptions::default()
+            },
+        )
+        .unwrap();
+        let num = jpeg_scale_numerator(w, h, Some(target));
+        assert_eq!(
+            (reduced.width, reduced.height),
+            (
+                (w * num as usize).div_ceil(8),
+                (h * num as usize).div_ceil(8)
+            )
+        );
+        let pre = Preprocessing {
+            image_size: target,
+            ..Preprocessing::from_manifest(m)
+        };
+        let mut a = vec![0f32; pre.tensor_len()];
+        let mut b = vec![0f32; pre.tensor_len()];
+        pre.pixel_values(&full, &mut a);
+        pre.pixel_values(&reduced, &mut b);
+        let diffs: Vec<f32> = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).collect();
+        let max = diffs.iter().cloned().fold(0f32, f32::max);
+        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+        let mut line = format!(
+            "{w}x{h} -> {target}: decoded at {num}/8 ({}x{}), pixel diff max {max:.3e} mean {mean:.3e}",
+            reduced.width, reduced.height
+        );
+        assert!(mean < 0.02 && max < 0.25, "{line}");
+        if target == m.image_size {
+            let ea = vision.run_f32(&[1, 3, target, target], a).unwrap();
+            let eb = vision.run_f32(&[1, 3, target, target], b).unwrap();
+            let cos = cosine(&ea, &eb);
+            line += &format!(", embedding cosine {cos:.7}");
+            assert!(cos >= 0.9999, "{line}");
+        }
+        eprintln!("{line}");
+    }
+    // Small images and no target: never reduced.
+    assert_eq!(jpeg_scale_numerator(512, 512, Some(64)), 4);
+    assert_eq!(jpeg_scale_numerator(510, 4000, Some(64)), 8);
+    assert_eq!(jpeg_scale_numerator(4000, 3000, None), 8);
 }

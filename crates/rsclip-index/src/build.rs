@@ -1,0 +1,361 @@
+//! Index build.
+//!
+//! [`IndexBuilder::new`] writes the meta page (block 0), one empty head page per list (blocks
+//! `1 ..= lists`) and the centroid chain. [`IndexBuilder::add`] assigns each vector to its
+//! nearest centroid, encodes it and buffers the tuple in memory, per list.
+//! When the buffered tuples exceed `memory_limit_bytes` (the Postgres side passes
+//! `maintenance_work_mem` minus what it uses itself), all buffers are flushed: each list's
+//! tuples are appended to that list's chain (filling its tail page, then extending with
+//! consecutive new pages), and buffering starts again. [`IndexBuilder::finish`] flushes the rest
+//! and records the counts in the meta page. With an unlimited budget each list's pages are
+//! therefore written contiguously at the end of the build.
+//!
+//! Memory: the rotated centroids (`lists × D × 4` bytes) plus at most `memory_limit_bytes` of
+//! buffered tuples (plus one tuple).
+//!
+//! Empty tables: pass no centroids (an empty slice); the index gets one list whose centroid is
+//! the zero vector. Such an index is correct (RaBitQ codes of the raw vectors) but a scan reads
+//! every tuple's code, so it should be rebuilt once the table has data (as with ivfflat).
+//!
+//! Crash safety: a build is not crash safe by itself; see the crate documentation.
+
+use crate::common::{encode_tuple, prepare};
+use crate::format::{
+    centroid_chunk_capacity, encode_centroid_chunk, list_tuple_size, Meta, META_BLOCK,
+    PAGE_CENTROID, PAGE_LIST, PAGE_META, ROTATION_ROUNDS,
+};
+use crate::page::{fits, Opaque, PageRead, PageWrite, Relation};
+use crate::rabitq::{padded_dims, Rotation};
+use crate::{BlockNumber, Error, Metric, Result, Tid, MAX_DIMS, MAX_LISTS};
+use rsclip_core::distance::{dot, l2_squared};
+
+/// Number of lists for a table of `n_rows` rows: `n_rows / 1000` up to one million rows,
+/// `sqrt(n_rows)` beyond; at least 1, at most [`MAX_LISTS`].
+pub fn default_lists(n_rows: u64) -> u32 {
+    let l = if n_rows <= 1_000_000 {
+        n_rows / 1000
+    } else {
+        (n_rows as f64).sqrt() as u64
+    };
+    l.clamp(1, MAX_LISTS as u64) as u32
+}
+
+/// Number of sample rows to train `lists` centroids on: 50 per list, at least 10 000.
+pub fn sample_size(lists: u32) -> usize {
+    (lists as usize * 50).max(10_000)
+}
+
+/// Parameters of a build.
+#[derive(Clone, Debug)]
+pub struct BuildParams {
+    /// Dimensions of the indexed vectors (1 ..= [`MAX_DIMS`]).
+    pub dims: u32,
+    /// Distance metric.
+    pub metric: Metric,
+    /// Seed of the RaBitQ rotation (stored in the meta page).
+    pub seed: u64,
+    /// Budget for buffered tuples; exceeding it flushes the buffers to the list chains.
+    pub memory_limit_bytes: usize,
+}
+
+/// What [`IndexBuilder::add`] or [`crate::insert()`] did with a vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddOutcome {
+    /// The vector was indexed.
+    Added,
+    /// The vector is zero under the cosine metric (it has no direction) and was not indexed.
+    SkippedZeroVector,
+}
+
+/// Counts of a finished build.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BuildStats {
+    /// Tuples indexed.
+    pub tuples: u64,
+    /// Zero vectors skipped (cosine).
+    pub skipped_zero: u64,
+    /// Times the buffers were flushed (at least 1 when anything was indexed).
+    pub flushes: u64,
+    /// Number of lists.
+    pub lists: u32,
+    /// Pages in the index.
+    pub nblocks: BlockNumber,
+}
+
+/// Writes a new index into an empty relation.
+pub struct IndexBuilder<'r, R: Relation> {
+    rel: &'r R,
+    meta: Meta,
+    rot: Rotation,
+    /// Rotated centroids, `nlists × D`.
+    cents: Vec<f32>,
+    tails: Vec<BlockNumber>,
+    buffers: Vec<Vec<u8>>,
+    buffered: usize,
+    limit: usize,
+    stats: BuildStats,
+    scratch: Vec<u8>,
+}
+
+/// Append whole tuples (`data` is a concatenation of `tsize`-byte tuples) to the chain whose
+/// tail is `tail`; returns the new tail. Build only (no concurrent access).
+fn append_tuples<R: Relation>(
+    rel: &R,
+    tail: BlockNumber,
+    data: &[u8],
+    tsize: usize,
+) -> Result<BlockNumber> {
+    let mut cur_blk = tail;
+    let mut cur = rel.write(tail);
+    let mut rest = data.chunks_exact(tsize).peekable();
+    loop {
+        while let Some(t) = rest.peek() {
+            if !fits(&cur, t.len()) {
+                break;
+            }
+            cur.add_item(t)
+                .ok_or_else(|| Error::corrupt(cur_blk, "page refused an item that fits"))?;
+            rest.next();
+        }
+        if rest.peek().is_none() {
+            return Ok(cur_blk);
+        }
+        let (nb, mut nw) = rel.extend();
+        nw.reinit(Opaque::new(PAGE_LIST));
+        let mut added = 0;
+        while let Some(t) = rest.peek() {
+            if nw.add_item(t).is_none() {
+                break;
+            }
+            added += 1;
+            rest.next();
+        }
+        if added == 0 {
+            return Err(Error::InvalidArgument(
+                "a tuple does not fit on an empty page".into(),
+            ));
+        }
+        drop(nw); // the new page is complete before it is linked
+        let o = cur.opaque();
+        cur.set_opaque(Opaque { next: nb, ..o });
+        drop(cur);
+        cur = rel.write(nb);
+        cur_blk = nb;
+    }
+}
+
+impl<'r, R: Relation> IndexBuilder<'r, R> {
+    /// Start a build into the empty relation `rel` with `centroids` (row-major
+    /// `lists × dims`, original space, e.g. from [`crate::train_centroids`]; empty = one zero
+    /// centroid). For inner product and cosine the centroids are normalized.
+    pub fn new(rel: &'r R, params: &BuildParams, centroids: &[f32]) -> Result<Self> {
+        let dims = params.dims as usize;
+        if dims == 0 {
+            return Err(Error::InvalidArgument(
+                "dimensions must be at least 1".into(),
+            ));
+        }
+        if params.dims > MAX_DIMS {
+            return Err(Error::TooManyDims {
+                dims: params.dims,
+                max: MAX_DIMS,
+            });
+        }
+        if !centroids.len().is_multiple_of(dims) {
+            return Err(Error::InvalidArgument(format!(
+                "{} centroid floats are not a multiple of {dims} dimensions",
+                centroids.len()
+            )));
+        }
+        if !centroids.iter().all(|v| v.is_finite()) {
+            return Err(Error::NonFiniteValue);
+        }
+        let zero = vec![0f32; dims];
+        let centroids = if centroids.is_empty() {
+            &zero[..]
+        } else {
+            centroids
+        };
+        let nlists = centroids.len() / dims;
+        if nlists > MAX_LISTS as usize {
+            return Err(Error::InvalidArgument(format!(
+                "{nlists} lists, at most {MAX_LISTS} are supported"
+            )));
+        }
+        if rel.nblocks() != 0 {
+            return Err(Error::RelationNotEmpty {
+                nblocks: rel.nblocks(),
+            });
+        }
+        let d = padded_dims(dims);
+        let rot = Rotation::new(d, params.seed, ROTATION_ROUNDS);
+        let mut cents = Vec::with_capacity(nlists * d);
+        for c in centroids.chunks_exact(dims) {
+            let mut v = vec![0f32; d];
+            v[..dims].copy_from_slice(c);
+            if params.metric.spherical() {
+                let n = c.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
+                if n > 0.0 {
+                    v.iter_mut().for_each(|a| *a = (*a as f64 / n) as f32);
+                }
+            }
+            rot.rotate_in_place(&mut v);
+            cents.extend_from_slice(&v);
+        }
+
+        // block 0: meta (rewritten below once the block numbers are known)
+        let (b0, mut w) = rel.extend();
+        if b0 != META_BLOCK {
+            return Err(Error::RelationNotEmpty { nblocks: b0 });
+        }
+        w.reinit(Opaque::new(PAGE_META));
+        let mut meta = Meta {
+            dims: params.dims,
+            padded_dims: d as u32,
+            metric: params.metric,
+            nlists: nlists as u32,
+            seed: params.seed,
+            rounds: ROTATION_ROUNDS,
+            first_centroid_block: 1,
+            first_list_block: 1,
+            build_tuples: 0,
+            build_skipped: 0,
+        };
+        w.add_item(&meta.encode())
+            .ok_or_else(|| Error::corrupt(META_BLOCK, "meta item does not fit"))?;
+        drop(w);
+
+        // list head pages
+        let mut heads = Vec::with_capacity(nlists);
+        for _ in 0..nlists {
+            let (b, mut w) = rel.extend();
+            w.reinit(Opaque::new(PAGE_LIST));
+            heads.push(b);
+        }
+
+        // centroid chain
+        let (first, mut w) = rel.extend();
+        w.reinit(Opaque::new(PAGE_CENTROID));
+        let mut cur_blk = first;
+        for (list, c) in cents.chunks_exact(d).enumerate() {
+            let mut start = 0;
+            while start < d {
+                let n = centroid_chunk_capacity(w.free_space()).min(d - start);
+                if n < (d - start).min(64) {
+                    let (nb, mut nw) = rel.extend();
+                    nw.reinit(Opaque::new(PAGE_CENTROID));
+                    let o = w.opaque();
+                    w.set_opaque(Opaque { next: nb, ..o });
+                    drop(w);
+                    w = nw;
+                    cur_blk = nb;
+                    continue;
+                }
+                let item = encode_centroid_chunk(
+                    list as u32,
+                    heads[list],
+                    start as u32,
+                    &c[start..start + n],
+                );
+                w.add_item(&item)
+                    .ok_or_else(|| Error::corrupt(cur_blk, "centroid chunk does not fit"))?;
+                start += n;
+            }
+        }
+        drop(w);
+
+        meta.first_centroid_block = first;
+        meta.first_list_block = heads[0];
+        let builder = IndexBuilder {
+            rel,
+            meta,
+            rot,
+            cents,
+            tails: heads,
+            buffers: vec![Vec::new(); nlists],
+            buffered: 0,
+            limit: params.memory_limit_bytes,
+            stats: BuildStats {
+                lists: nlists as u32,
+                ..BuildStats::default()
+            },
+            scratch: Vec::new(),
+        };
+        builder.write_meta()?;
+        Ok(builder)
+    }
+
+    fn write_meta(&self) -> Result<()> {
+        let mut w = self.rel.write(META_BLOCK);
+        let item = w
+            .item_mut(1)
+            .ok_or_else(|| Error::corrupt(META_BLOCK, "meta item missing"))?;
+        if item.len() != Meta::SIZE {
+            return Err(Error::corrupt(META_BLOCK, "meta item has the wrong size"));
+        }
+        item.copy_from_slice(&self.meta.encode());
+        Ok(())
+    }
+
+    /// Index one heap row.
+    pub fn add(&mut self, tid: Tid, vector: &[f32]) -> Result<AddOutcome> {
+        let Some(v) = prepare(&self.meta, &self.rot, vector)? else {
+            self.stats.skipped_zero += 1;
+            return Ok(AddOutcome::SkippedZeroVector);
+        };
+        let d = self.meta.padded_dims as usize;
+        let mut best = (f32::INFINITY, 0usize);
+        for (i, c) in self.cents.chunks_exact(d).enumerate() {
+            let dist = match self.meta.metric {
+                Metric::L2 => l2_squared(c, &v),
+                _ => -dot(c, &v),
+            };
+            if dist < best.0 {
+                best = (dist, i);
+            }
+        }
+        let list = best.1;
+        self.scratch.clear();
+        encode_tuple(
+            &mut self.scratch,
+            tid,
+            &v,
+            &self.cents[list * d..(list + 1) * d],
+        );
+        self.buffers[list].extend_from_slice(&self.scratch);
+        self.buffered += self.scratch.len();
+        self.stats.tuples += 1;
+        if self.buffered > self.limit {
+            self.flush()?;
+        }
+        Ok(AddOutcome::Added)
+    }
+
+    /// Append every buffered tuple to its list chain.
+    fn flush(&mut self) -> Result<()> {
+        let tsize = list_tuple_size(self.meta.padded_dims as usize);
+        for list in 0..self.buffers.len() {
+            if self.buffers[list].is_empty() {
+                continue;
+            }
+            self.tails[list] =
+                append_tuples(self.rel, self.tails[list], &self.buffers[list], tsize)?;
+            self.buffers[list].clear();
+        }
+        self.buffered = 0;
+        self.stats.flushes += 1;
+        Ok(())
+    }
+
+    /// Write the remaining tuples and the final counts.
+    pub fn finish(mut self) -> Result<BuildStats> {
+        if self.buffered > 0 {
+            self.flush()?;
+        }
+        self.meta.build_tuples = self.stats.tuples;
+        self.meta.build_skipped = self.stats.skipped_zero;
+        self.write_meta()?;
+        self.stats.nblocks = self.rel.nblocks();
+        Ok(self.stats)
+    }
+}

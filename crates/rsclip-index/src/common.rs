@@ -1,0 +1,211 @@
+//! Helpers shared by the index operations.
+
+use crate::format::{encode_list_tuple, CentroidChunk, Meta, META_BLOCK, PAGE_CENTROID, PAGE_META};
+use crate::page::{Opaque, PageRead, Relation};
+use crate::rabitq::{encode, Rotation};
+use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK};
+use rsclip_core::distance::{dot, l2_squared};
+
+/// A copy of a page's items and opaque, taken under a share lock.
+#[derive(Default)]
+pub(crate) struct PageCopy {
+    pub opaque: Option<Opaque>,
+    data: Vec<u8>,
+    items: Vec<Option<(usize, usize)>>,
+}
+
+impl PageCopy {
+    /// Share-lock `blk`, copy it, release the lock.
+    pub fn load<R: Relation>(&mut self, rel: &R, blk: BlockNumber) {
+        let page = rel.read(blk);
+        self.data.clear();
+        self.items.clear();
+        self.opaque = Some(page.opaque());
+        for off in 1..=page.max_offset() {
+            match page.item(off) {
+                Some(b) => {
+                    self.items.push(Some((self.data.len(), b.len())));
+                    self.data.extend_from_slice(b);
+                }
+                None => self.items.push(None),
+            }
+        }
+    }
+
+    pub fn opaque(&self) -> Opaque {
+        self.opaque.unwrap_or(Opaque::new(0))
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Item at 0-based index `i` (offset `i + 1`).
+    pub fn item(&self, i: usize) -> Option<&[u8]> {
+        let (s, l) = (*self.items.get(i)?)?;
+        Some(&self.data[s..s + l])
+    }
+}
+
+/// Read and validate the meta page.
+pub(crate) fn read_meta<R: Relation>(rel: &R) -> Result<Meta> {
+    if rel.nblocks() == 0 {
+        return Err(Error::corrupt(META_BLOCK, "index has no meta page"));
+    }
+    let page = rel.read(META_BLOCK);
+    if page.opaque().flags != PAGE_META {
+        return Err(Error::corrupt(
+            META_BLOCK,
+            format!(
+                "block 0 is not a meta page (flags {:#x})",
+                page.opaque().flags
+            ),
+        ));
+    }
+    let item = page
+        .item(1)
+        .ok_or_else(|| Error::corrupt(META_BLOCK, "meta item missing"))?;
+    Meta::decode(item).map_err(|e| Error::corrupt(META_BLOCK, e.0))
+}
+
+/// Check a block number read from a page before following it.
+pub(crate) fn check_block(blk: BlockNumber, nblocks: BlockNumber, from: BlockNumber) -> Result<()> {
+    if blk == META_BLOCK || blk >= nblocks {
+        return Err(Error::corrupt(
+            from,
+            format!("points to block {blk}, outside the index ({nblocks} blocks)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Check dimensions and values of an input vector; normalize it for cosine (returns `None` for
+/// a zero vector under cosine), zero-pad and rotate it.
+pub(crate) fn prepare(meta: &Meta, rot: &Rotation, x: &[f32]) -> Result<Option<Vec<f32>>> {
+    if x.len() != meta.dims as usize {
+        return Err(Error::DimensionMismatch {
+            expected: meta.dims,
+            got: x.len().min(u32::MAX as usize) as u32,
+        });
+    }
+    if !x.iter().all(|v| v.is_finite()) {
+        return Err(Error::NonFiniteValue);
+    }
+    let mut v = vec![0f32; meta.padded_dims as usize];
+    v[..x.len()].copy_from_slice(x);
+    if meta.metric == Metric::Cosine {
+        let n = x.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
+        if n == 0.0 || !n.is_finite() {
+            return Ok(None);
+        }
+        for a in &mut v {
+            *a = (*a as f64 / n) as f32;
+        }
+    }
+    rot.rotate_in_place(&mut v);
+    Ok(Some(v))
+}
+
+/// Distance used to rank lists: squared L2 to the centroid, or negative inner product.
+pub(crate) fn centroid_distance(metric: Metric, c: &[f32], q: &[f32]) -> f32 {
+    match metric {
+        Metric::L2 => l2_squared(c, q),
+        Metric::InnerProduct | Metric::Cosine => -dot(c, q),
+    }
+}
+
+/// Encode the list tuple of rotated vector `v` in the list with rotated centroid `c`.
+pub(crate) fn encode_tuple(out: &mut Vec<u8>, tid: Tid, v: &[f32], c: &[f32]) {
+    let resid: Vec<f32> = v.iter().zip(c).map(|(a, b)| a - b).collect();
+    let code = encode(&resid);
+    let rc = dot(&resid, c);
+    encode_list_tuple(out, tid, code.norm, code.dot_oo, rc, &code.bits);
+}
+
+/// Walk the centroid chain: call `on_page` for each page and `f(list, head, centroid)` for
+/// each complete (rotated) centroid, in list order. Validates the chain completely.
+pub(crate) fn walk_centroids<R: Relation>(
+    rel: &R,
+    meta: &Meta,
+    mut on_page: impl FnMut(BlockNumber),
+    mut f: impl FnMut(u32, BlockNumber, &[f32]) -> Result<()>,
+) -> Result<()> {
+    let d = meta.padded_dims as usize;
+    let nb = rel.nblocks();
+    let mut buf = vec![0f32; d];
+    let mut filled = 0usize;
+    let mut list = 0u32;
+    let mut head = INVALID_BLOCK;
+    let mut blk = meta.first_centroid_block;
+    let mut from = META_BLOCK;
+    let mut steps = 0u32;
+    let mut page = PageCopy::default();
+    while blk != INVALID_BLOCK {
+        check_block(blk, nb, from)?;
+        steps += 1;
+        if steps > nb {
+            return Err(Error::corrupt(blk, "cycle in the centroid chain"));
+        }
+        page.load(rel, blk);
+        on_page(blk);
+        if page.opaque().flags != PAGE_CENTROID {
+            return Err(Error::corrupt(
+                blk,
+                format!(
+                    "expected a centroid page, flags are {:#x}",
+                    page.opaque().flags
+                ),
+            ));
+        }
+        for i in 0..page.len() {
+            let bytes = page
+                .item(i)
+                .ok_or_else(|| Error::corrupt(blk, format!("centroid item {} unused", i + 1)))?;
+            let ch = CentroidChunk::decode(bytes).map_err(|e| Error::corrupt(blk, e.0))?;
+            if list >= meta.nlists {
+                return Err(Error::corrupt(blk, "more centroids than lists"));
+            }
+            if ch.list != list || ch.start as usize != filled {
+                return Err(Error::corrupt(
+                    blk,
+                    format!(
+                        "centroid chunk out of order: list {} start {}, expected list {list} start {filled}",
+                        ch.list, ch.start
+                    ),
+                ));
+            }
+            if filled == 0 {
+                head = ch.head;
+                check_block(head, nb, blk)?;
+            } else if ch.head != head {
+                return Err(Error::corrupt(
+                    blk,
+                    "centroid chunks disagree on the list head",
+                ));
+            }
+            if filled + ch.len() > d {
+                return Err(Error::corrupt(blk, "centroid longer than the dimensions"));
+            }
+            ch.copy_to(&mut buf[filled..filled + ch.len()])
+                .map_err(|e| Error::corrupt(blk, e.0))?;
+            filled += ch.len();
+            if filled == d {
+                f(list, head, &buf)?;
+                list += 1;
+                filled = 0;
+            }
+        }
+        from = blk;
+        blk = page.opaque().next;
+    }
+    if list != meta.nlists || filled != 0 {
+        return Err(Error::corrupt(
+            meta.first_centroid_block,
+            format!(
+                "centroid chain holds {list} complete centroids, expected {}",
+                meta.nlists
+            ),
+        ));
+    }
+    Ok(())
+}

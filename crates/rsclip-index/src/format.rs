@@ -1,0 +1,456 @@
+//! On-disk format, version 1. All integers and floats are little endian.
+//!
+//! ## Pages
+//! Every page's [`Opaque`](crate::page::Opaque) carries `next` (the next page of its chain or
+//! `INVALID_BLOCK`) and `flags` = exactly one of [`PAGE_META`], [`PAGE_CENTROID`], [`PAGE_LIST`].
+//!
+//! Layout of a freshly built index with `L` lists:
+//! - block 0: meta page, one item ([`Meta`], 64 bytes).
+//! - blocks `1 ..= L`: the head page of each list (list `i` starts at block `1 + i`), initially
+//!   empty; a list's later pages follow wherever they were allocated (at the end of a build, the
+//!   pages of one list are contiguous).
+//! - blocks `L + 1 ..`: the centroid chain (`Meta::first_centroid_block`).
+//!
+//! ## Meta item (64 bytes)
+//! | off | type | field |
+//! |----:|------|-------|
+//! | 0  | u32 | magic [`MAGIC`] |
+//! | 4  | u32 | version (1) |
+//! | 8  | u32 | dims |
+//! | 12 | u32 | padded dims `D` (dims rounded up to a multiple of 64) |
+//! | 16 | u32 | metric (0 inner product, 1 cosine, 2 L2) |
+//! | 20 | u32 | number of lists |
+//! | 24 | u64 | rotation seed |
+//! | 32 | u32 | rotation rounds |
+//! | 36 | u32 | first centroid block |
+//! | 40 | u32 | first list head block |
+//! | 44 | u32 | reserved (0) |
+//! | 48 | u64 | tuples indexed by the build |
+//! | 56 | u64 | zero vectors skipped by the build (cosine) |
+//!
+//! ## Centroid item (16 + 4n bytes)
+//! Centroids are stored *rotated* (the RaBitQ rotation applied to the zero-padded centroid,
+//! `D` floats), split into chunks that fill the pages of the centroid chain; the chunks of one
+//! centroid are consecutive items (possibly spanning pages), in list order.
+//!
+//! | off | type | field |
+//! |----:|------|-------|
+//! | 0  | u32 | list number |
+//! | 4  | u32 | head block of the list |
+//! | 8  | u32 | index of the first float of this chunk within the centroid |
+//! | 12 | u32 | reserved (0) |
+//! | 16 | f32 × n | centroid coordinates `start .. start + n` |
+//!
+//! ## List tuple (20 + D/8 bytes; 116 for 768 dims)
+//! | off | type | field |
+//! |----:|------|-------|
+//! | 0  | u32 | heap block |
+//! | 4  | u16 | heap offset |
+//! | 6  | u16 | flags (0; reserved) |
+//! | 8  | f32 | `|r|`: norm of the residual `r = x - c` |
+//! | 12 | f32 | `<ō, o>`: inner product of the unit residual with its 1-bit quantization |
+//! | 16 | f32 | `<r, c>` |
+//! | 20 | u64 × D/64 | sign bits of the rotated residual: bit `i % 64` of word `i / 64` is 1 iff coordinate `i` ≥ 0 |
+
+use crate::page::MAX_ITEM_SIZE;
+use crate::rabitq::padded_dims;
+use crate::{BlockNumber, Metric, Tid, INVALID_BLOCK, MAX_DIMS, MAX_LISTS};
+use std::fmt;
+
+/// Magic number of the meta page ("RSIQ").
+pub const MAGIC: u32 = 0x5153_4952;
+/// Format version written by this crate.
+pub const VERSION: u32 = 1;
+/// Block number of the meta page.
+pub const META_BLOCK: BlockNumber = 0;
+/// Opaque flag of the meta page.
+pub const PAGE_META: u16 = 0x0001;
+/// Opaque flag of centroid pages.
+pub const PAGE_CENTROID: u16 = 0x0002;
+/// Opaque flag of list pages.
+pub const PAGE_LIST: u16 = 0x0004;
+/// Rotation rounds used by new indexes.
+pub const ROTATION_ROUNDS: u32 = 3;
+/// Size of the centroid item header.
+pub const CENTROID_HEADER: usize = 16;
+/// Size of the list tuple header (before the code bits).
+pub const LIST_TUPLE_HEADER: usize = 20;
+
+/// Invalid bytes: why they cannot be parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FormatError(pub String);
+
+impl fmt::Display for FormatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for FormatError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, FormatError> {
+    Err(FormatError(msg.into()))
+}
+
+fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+fn f32_at(b: &[u8], off: usize) -> f32 {
+    f32::from_bits(u32_at(b, off))
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u32_at(b, off) as u64 | (u32_at(b, off + 4) as u64) << 32
+}
+
+/// The meta page contents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meta {
+    /// Dimensions of the indexed vectors.
+    pub dims: u32,
+    /// `dims` rounded up to a multiple of 64 (the rotation and code length).
+    pub padded_dims: u32,
+    /// Distance metric.
+    pub metric: Metric,
+    /// Number of lists (at least 1).
+    pub nlists: u32,
+    /// Seed of the RaBitQ rotation.
+    pub seed: u64,
+    /// Rounds of the rotation.
+    pub rounds: u32,
+    /// First page of the centroid chain.
+    pub first_centroid_block: BlockNumber,
+    /// Head page of list 0 (informational).
+    pub first_list_block: BlockNumber,
+    /// Tuples written by the build.
+    pub build_tuples: u64,
+    /// Zero vectors skipped by the build (cosine).
+    pub build_skipped: u64,
+}
+
+impl Meta {
+    /// Encoded size.
+    pub const SIZE: usize = 64;
+
+    /// Encode as the meta item.
+    pub fn encode(&self) -> [u8; Meta::SIZE] {
+        let mut b = [0u8; Meta::SIZE];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.dims.to_le_bytes());
+        b[12..16].copy_from_slice(&self.padded_dims.to_le_bytes());
+        b[16..20].copy_from_slice(&self.metric.code().to_le_bytes());
+        b[20..24].copy_from_slice(&self.nlists.to_le_bytes());
+        b[24..32].copy_from_slice(&self.seed.to_le_bytes());
+        b[32..36].copy_from_slice(&self.rounds.to_le_bytes());
+        b[36..40].copy_from_slice(&self.first_centroid_block.to_le_bytes());
+        b[40..44].copy_from_slice(&self.first_list_block.to_le_bytes());
+        b[48..56].copy_from_slice(&self.build_tuples.to_le_bytes());
+        b[56..64].copy_from_slice(&self.build_skipped.to_le_bytes());
+        b
+    }
+
+    /// Parse and validate the meta item.
+    pub fn decode(b: &[u8]) -> Result<Meta, FormatError> {
+        if b.len() != Meta::SIZE {
+            return err(format!(
+                "meta item has {} bytes, expected {}",
+                b.len(),
+                Meta::SIZE
+            ));
+        }
+        if u32_at(b, 0) != MAGIC {
+            return err(format!("bad magic number {:#010x}", u32_at(b, 0)));
+        }
+        let version = u32_at(b, 4);
+        if version != VERSION {
+            return err(format!("unsupported format version {version}"));
+        }
+        let dims = u32_at(b, 8);
+        if dims == 0 || dims > MAX_DIMS {
+            return err(format!("invalid dimensions {dims}"));
+        }
+        let padded = u32_at(b, 12);
+        if padded as usize != padded_dims(dims as usize) {
+            return err(format!("padded dimensions {padded} do not match {dims}"));
+        }
+        let metric = Metric::from_code(u32_at(b, 16))
+            .ok_or_else(|| FormatError(format!("unknown metric {}", u32_at(b, 16))))?;
+        let nlists = u32_at(b, 20);
+        if nlists == 0 || nlists > MAX_LISTS {
+            return err(format!("invalid number of lists {nlists}"));
+        }
+        let rounds = u32_at(b, 32);
+        if rounds == 0 || rounds > 16 {
+            return err(format!("invalid rotation rounds {rounds}"));
+        }
+        let first_centroid_block = u32_at(b, 36);
+        let first_list_block = u32_at(b, 40);
+        for (name, blk) in [
+            ("centroid", first_centroid_block),
+            ("list", first_list_block),
+        ] {
+            if blk == 0 || blk == INVALID_BLOCK {
+                return err(format!("invalid first {name} block {blk}"));
+            }
+        }
+        if u32_at(b, 44) != 0 {
+            return err("reserved meta field is not zero");
+        }
+        Ok(Meta {
+            dims,
+            padded_dims: padded,
+            metric,
+            nlists,
+            seed: u64_at(b, 24),
+            rounds,
+            first_centroid_block,
+            first_list_block,
+            build_tuples: u64_at(b, 48),
+            build_skipped: u64_at(b, 56),
+        })
+    }
+}
+
+/// One chunk of a stored centroid.
+#[derive(Clone, Copy, Debug)]
+pub struct CentroidChunk<'a> {
+    /// List number.
+    pub list: u32,
+    /// Head block of the list.
+    pub head: BlockNumber,
+    /// Index of the first float of the chunk.
+    pub start: u32,
+    raw: &'a [u8],
+}
+
+impl<'a> CentroidChunk<'a> {
+    /// Number of floats in the chunk.
+    pub fn len(&self) -> usize {
+        self.raw.len() / 4
+    }
+
+    /// Whether the chunk has no floats (never true for a parsed chunk).
+    pub fn is_empty(&self) -> bool {
+        self.raw.is_empty()
+    }
+
+    /// Copy the floats into `out` (of length [`CentroidChunk::len`]); fails on NaN/infinity.
+    pub fn copy_to(&self, out: &mut [f32]) -> Result<(), FormatError> {
+        for (o, c) in out.iter_mut().zip(self.raw.chunks_exact(4)) {
+            let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            if !v.is_finite() {
+                return err("centroid contains NaN or infinity");
+            }
+            *o = v;
+        }
+        Ok(())
+    }
+
+    /// Parse a centroid item.
+    pub fn decode(b: &'a [u8]) -> Result<CentroidChunk<'a>, FormatError> {
+        if b.len() < CENTROID_HEADER + 4 || !(b.len() - CENTROID_HEADER).is_multiple_of(4) {
+            return err(format!("centroid item has invalid length {}", b.len()));
+        }
+        if u32_at(b, 12) != 0 {
+            return err("reserved centroid field is not zero");
+        }
+        Ok(CentroidChunk {
+            list: u32_at(b, 0),
+            head: u32_at(b, 4),
+            start: u32_at(b, 8),
+            raw: &b[CENTROID_HEADER..],
+        })
+    }
+}
+
+/// Encode a centroid chunk item.
+pub fn encode_centroid_chunk(list: u32, head: BlockNumber, start: u32, floats: &[f32]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(CENTROID_HEADER + 4 * floats.len());
+    b.extend_from_slice(&list.to_le_bytes());
+    b.extend_from_slice(&head.to_le_bytes());
+    b.extend_from_slice(&start.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    for f in floats {
+        b.extend_from_slice(&f.to_le_bytes());
+    }
+    b
+}
+
+/// Most floats of a centroid chunk that fit in `free` bytes of page free space.
+pub fn centroid_chunk_capacity(free: usize) -> usize {
+    let usable = free.min(MAX_ITEM_SIZE) & !7;
+    usable.saturating_sub(CENTROID_HEADER) / 4
+}
+
+/// Size of a list tuple for `padded_dims` dimensions.
+pub fn list_tuple_size(padded_dims: usize) -> usize {
+    LIST_TUPLE_HEADER + padded_dims / 8
+}
+
+/// A parsed list tuple.
+#[derive(Clone, Copy, Debug)]
+pub struct ListTuple<'a> {
+    /// Heap tuple id.
+    pub tid: Tid,
+    /// `|r|`.
+    pub norm: f32,
+    /// `<ō, o>`.
+    pub dot_oo: f32,
+    /// `<r, c>`.
+    pub rc: f32,
+    /// Code bits, `D / 8` bytes (little-endian u64 words).
+    pub code: &'a [u8],
+}
+
+/// Read only the heap tid of a list tuple (for vacuum); validates the length.
+pub fn list_tuple_tid(b: &[u8], padded_dims: usize) -> Result<Tid, FormatError> {
+    if b.len() != list_tuple_size(padded_dims) {
+        return err(format!(
+            "list tuple has {} bytes, expected {}",
+            b.len(),
+            list_tuple_size(padded_dims)
+        ));
+    }
+    let tid = Tid {
+        block: u32_at(b, 0),
+        offset: u16_at(b, 4),
+    };
+    if tid.offset == 0 {
+        return err("list tuple has heap offset 0");
+    }
+    Ok(tid)
+}
+
+impl<'a> ListTuple<'a> {
+    /// Parse and validate a list tuple.
+    pub fn decode(b: &'a [u8], padded_dims: usize) -> Result<ListTuple<'a>, FormatError> {
+        let tid = list_tuple_tid(b, padded_dims)?;
+        if u16_at(b, 6) != 0 {
+            return err(format!("list tuple has unknown flags {:#x}", u16_at(b, 6)));
+        }
+        let norm = f32_at(b, 8);
+        let dot_oo = f32_at(b, 12);
+        let rc = f32_at(b, 16);
+        if !(norm.is_finite() && norm >= 0.0) {
+            return err(format!("list tuple has invalid residual norm {norm}"));
+        }
+        if !(dot_oo.is_finite() && dot_oo > 0.0 && dot_oo <= 1.001) {
+            return err(format!("list tuple has invalid <o,ō> {dot_oo}"));
+        }
+        if !rc.is_finite() {
+            return err("list tuple has non-finite <r,c>");
+        }
+        Ok(ListTuple {
+            tid,
+            norm,
+            dot_oo,
+            rc,
+            code: &b[LIST_TUPLE_HEADER..],
+        })
+    }
+}
+
+/// Append an encoded list tuple to `out`.
+pub fn encode_list_tuple(
+    out: &mut Vec<u8>,
+    tid: Tid,
+    norm: f32,
+    dot_oo: f32,
+    rc: f32,
+    bits: &[u64],
+) {
+    out.extend_from_slice(&tid.block.to_le_bytes());
+    out.extend_from_slice(&tid.offset.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&norm.to_le_bytes());
+    out.extend_from_slice(&dot_oo.to_le_bytes());
+    out.extend_from_slice(&rc.to_le_bytes());
+    for w in bits {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Meta {
+        Meta {
+            dims: 768,
+            padded_dims: 768,
+            metric: Metric::Cosine,
+            nlists: 100,
+            seed: 0xdead_beef_1234,
+            rounds: ROTATION_ROUNDS,
+            first_centroid_block: 101,
+            first_list_block: 1,
+            build_tuples: 12345,
+            build_skipped: 3,
+        }
+    }
+
+    #[test]
+    fn meta_roundtrip_and_validation() {
+        let m = meta();
+        let b = m.encode();
+        assert_eq!(Meta::decode(&b), Ok(m));
+        for (off, val) in [
+            (0usize, 1u32),
+            (4, 2),
+            (8, 0),
+            (8, 20000),
+            (12, 769),
+            (16, 9),
+            (20, 0),
+            (32, 0),
+            (36, 0),
+            (44, 1),
+        ] {
+            let mut c = b;
+            c[off..off + 4].copy_from_slice(&val.to_le_bytes());
+            assert!(Meta::decode(&c).is_err(), "offset {off}");
+        }
+        assert!(Meta::decode(&b[..63]).is_err());
+    }
+
+    #[test]
+    fn tuple_roundtrip() {
+        let mut out = Vec::new();
+        let tid = Tid {
+            block: 7,
+            offset: 3,
+        };
+        encode_list_tuple(&mut out, tid, 1.5, 0.8, -0.25, &[1, 2]);
+        assert_eq!(out.len(), list_tuple_size(128));
+        let t = ListTuple::decode(&out, 128).unwrap();
+        assert_eq!(t.tid, tid);
+        assert_eq!((t.norm, t.dot_oo, t.rc), (1.5, 0.8, -0.25));
+        assert_eq!(t.code[0], 1);
+        assert_eq!(t.code[8], 2);
+        assert!(ListTuple::decode(&out, 192).is_err());
+        let mut bad = out.clone();
+        bad[12..16].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(ListTuple::decode(&bad, 128).is_err());
+        let mut bad = out.clone();
+        bad[4] = 0;
+        assert!(ListTuple::decode(&bad, 128).is_err());
+    }
+
+    #[test]
+    fn centroid_chunk_roundtrip() {
+        let b = encode_centroid_chunk(3, 17, 64, &[1.0, -2.0]);
+        let c = CentroidChunk::decode(&b).unwrap();
+        assert_eq!((c.list, c.head, c.start, c.len()), (3, 17, 64, 2));
+        let mut out = [0f32; 2];
+        c.copy_to(&mut out).unwrap();
+        assert_eq!(out, [1.0, -2.0]);
+        assert!(CentroidChunk::decode(&b[..18]).is_err());
+        assert_eq!(centroid_chunk_capacity(8148), (8144 - 16) / 4);
+    }
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests of the index over `MemoryRelation`.
+
+mod common;
+mod concurrency;
+mod corruption;
+mod lifecycle;
+mod recall;

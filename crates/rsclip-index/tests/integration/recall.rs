@@ -1,0 +1,187 @@
+//! Recall against brute force on clustered and uniform data.
+
+use super::common::*;
+use rsclip_index::page::memory::MemoryRelation;
+use rsclip_index::{check, default_probes, Metric};
+
+struct Case {
+    metric: Metric,
+    n: usize,
+    dims: usize,
+    clusters: usize,
+    lists: Option<u32>,
+    seed: u64,
+}
+
+fn run(c: Case) {
+    let normalize = c.metric != Metric::L2;
+    let mean = if normalize { 0.0 } else { 1.0 };
+    let spread = 0.5;
+    let data = mixture(c.seed, c.n, c.dims, c.clusters, spread, mean, normalize);
+    let queries = mixture(c.seed + 1, 100, c.dims, c.clusters, spread, mean, normalize);
+    let rel = MemoryRelation::new();
+    let stats = match c.lists {
+        Some(l) => build(&rel, c.metric, c.dims, &data, l, usize::MAX),
+        None => build_default(&rel, c.metric, c.dims, &data),
+    };
+    assert_eq!(stats.tuples as usize, c.n);
+    let probes = default_probes(stats.lists);
+    let alive = vec![true; c.n];
+    let r = recall(&rel, c.metric, &data, c.dims, &alive, &queries, 10, probes);
+    println!(
+        "{:?} n={} dims={} lists={} probes={}: recall@10 {:.4}, re-ranked/query {:.1}, inversions {}",
+        c.metric, c.n, c.dims, stats.lists, probes, r.recall, r.mean_reranked, r.inversions
+    );
+    assert!(r.recall >= 0.95, "recall {} too low", r.recall);
+    // an inversion needs a failed RaBitQ bound (≈0.2% of candidates): allow ≤ 1% of pairs
+    assert!(
+        r.inversions <= 9,
+        "{} order inversions in the first 10 rows of 100 queries",
+        r.inversions
+    );
+    let report = check(&rel).unwrap();
+    assert_eq!(report.tids.len(), c.n);
+    assert_eq!(report.duplicate_tids, 0);
+    assert_eq!(report.orphan_pages, 0);
+}
+
+#[test]
+fn clustered_20k_128_inner_product() {
+    run(Case {
+        metric: Metric::InnerProduct,
+        n: 20_000,
+        dims: 128,
+        clusters: 64,
+        lists: None,
+        seed: 1,
+    });
+}
+
+#[test]
+fn clustered_20k_128_cosine() {
+    run(Case {
+        metric: Metric::Cosine,
+        n: 20_000,
+        dims: 128,
+        clusters: 64,
+        lists: None,
+        seed: 2,
+    });
+}
+
+#[test]
+fn clustered_20k_128_l2() {
+    run(Case {
+        metric: Metric::L2,
+        n: 20_000,
+        dims: 128,
+        clusters: 64,
+        lists: None,
+        seed: 3,
+    });
+}
+
+#[test]
+fn clustered_20k_128_l2_100_lists() {
+    run(Case {
+        metric: Metric::L2,
+        n: 20_000,
+        dims: 128,
+        clusters: 64,
+        lists: Some(100),
+        seed: 4,
+    });
+}
+
+#[test]
+fn clustered_5k_768_all_metrics() {
+    for (i, metric) in [Metric::InnerProduct, Metric::Cosine, Metric::L2]
+        .into_iter()
+        .enumerate()
+    {
+        run(Case {
+            metric,
+            n: 5_000,
+            dims: 768,
+            clusters: 50,
+            lists: None,
+            seed: 10 + i as u64,
+        });
+    }
+}
+
+#[test]
+fn clustered_5k_1024_all_metrics() {
+    for (i, metric) in [Metric::InnerProduct, Metric::Cosine, Metric::L2]
+        .into_iter()
+        .enumerate()
+    {
+        run(Case {
+            metric,
+            n: 5_000,
+            dims: 1024,
+            clusters: 50,
+            lists: None,
+            seed: 20 + i as u64,
+        });
+    }
+}
+
+#[test]
+fn clustered_5k_768_cosine_50_lists() {
+    run(Case {
+        metric: Metric::Cosine,
+        n: 5_000,
+        dims: 768,
+        clusters: 50,
+        lists: Some(50),
+        seed: 30,
+    });
+}
+
+/// Prints recall at several probe counts for uniform random 768-d data (not asserted).
+#[test]
+fn uniform_768_recall_table() {
+    let dims = 768;
+    let n = 20_000;
+    let lists = 64;
+    for metric in [Metric::L2, Metric::Cosine] {
+        let data = gaussian(100, n, dims);
+        let queries = gaussian(101, 50, dims);
+        let rel = MemoryRelation::new();
+        build(&rel, metric, dims, &data, lists, usize::MAX);
+        let alive = vec![true; n];
+        for probes in [1u32, 2, 4, 8, 16, 32] {
+            let r = recall(&rel, metric, &data, dims, &alive, &queries, 10, probes);
+            println!(
+                "uniform {metric:?} n={n} dims={dims} lists={lists} probes={probes}{}: recall@10 {:.4}, re-ranked/query {:.1}",
+                if probes == default_probes(lists) { " (default)" } else { "" },
+                r.recall,
+                r.mean_reranked
+            );
+        }
+    }
+}
+
+/// Size of the index per vector at 768 dimensions.
+#[test]
+fn bytes_per_vector_768() {
+    let dims = 768;
+    let n = 5_000;
+    let data = mixture(40, n, dims, 50, 0.5, 0.0, true);
+    let rel = MemoryRelation::new();
+    build_default(&rel, Metric::Cosine, dims, &data);
+    let report = check(&rel).unwrap();
+    let list_bytes = report.list_pages as f64 * 8192.0 / n as f64;
+    let total_bytes = rel_bytes(&rel) / n as f64;
+    println!(
+        "768-d: {} list pages for {n} vectors: {list_bytes:.1} bytes/vector in list pages, {total_bytes:.1} bytes/vector in total ({} centroid pages)",
+        report.list_pages, report.centroid_pages
+    );
+    assert!(list_bytes < 130.0);
+}
+
+fn rel_bytes(rel: &MemoryRelation) -> f64 {
+    use rsclip_index::page::Relation;
+    rel.nblocks() as f64 * 8192.0
+}
