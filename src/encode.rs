@@ -373,11 +373,19 @@ pg_function! {
                 "session_create_ms": {"vision": counts.vision_load_ms, "text": counts.text_load_ms},
             })
         });
-        let text = std::ffi::CString::new(info.to_string()).expect("JSON has no NUL");
-        // SAFETY: jsonb_in parses a NUL-terminated C string into a palloc'd jsonb.
-        unsafe {
-            pgrx::fcinfo::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(pg_sys::Datum::from(text.as_ptr()))])
-                .expect("jsonb_in returns a value")
-        }
+        jsonb_datum(&info.to_string())
+    }
+}
+
+/// A `jsonb` datum parsed from JSON text.
+pub fn jsonb_datum(json: &str) -> pg_sys::Datum {
+    let text = std::ffi::CString::new(json).expect("JSON has no NUL");
+    // SAFETY: jsonb_in parses a NUL-terminated C string into a palloc'd jsonb.
+    unsafe {
+        pgrx::fcinfo::direct_function_call_as_datum(
+            pg_sys::jsonb_in,
+            &[Some(pg_sys::Datum::from(text.as_ptr()))],
+        )
+        .expect("jsonb_in returns a value")
     }
 }

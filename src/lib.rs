@@ -10,6 +10,7 @@ mod datum;
 mod detoast_cache;
 mod encode;
 mod fmgr;
+mod index;
 mod io;
 mod model;
 mod operators;
@@ -40,12 +41,18 @@ pgrx::extension_sql_file!(
     name = "encoders",
     requires = ["pgvector_casts"]
 );
+pgrx::extension_sql_file!(
+    "../sql/index.sql",
+    name = "index_am",
+    requires = ["encoders"]
+);
 
 /// Registers the settings. Nothing else happens at load time: ONNX Runtime starts threads, and
 /// threads do not survive the postmaster's fork, so models load lazily in each backend.
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::register();
+    index::options::register();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

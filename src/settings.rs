@@ -45,6 +45,8 @@ pub static OPTIMIZED_MODEL_CACHE: GucSetting<Option<CString>> =
 pub static MAX_IMAGE_PIXELS: GucSetting<i32> = GucSetting::<i32>::new(100_000_000);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8);
 pub static JPEG_FAST_DOWNSCALE: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static PROBES: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static MAX_PROBES: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static TIFF_BANDS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"1,2,3"));
 
@@ -115,6 +117,26 @@ pub fn register() {
         c"",
         &OPTIMIZED_MODEL_CACHE,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"rsclip.probes",
+        c"Lists an rsclip index scan probes first (0 = ceil(sqrt(lists))).",
+        c"More probes: higher recall, slower queries.",
+        &PROBES,
+        0,
+        rsclip_index::MAX_LISTS as i32,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"rsclip.max_probes",
+        c"Most lists an rsclip index scan probes when a filter keeps rejecting rows (0 = all).",
+        c"Bounds the iterative scan of WHERE ... ORDER BY ... LIMIT queries.",
+        &MAX_PROBES,
+        0,
+        rsclip_index::MAX_LISTS as i32,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(

@@ -23,6 +23,20 @@ fn text(sql: &str) -> String {
     Spi::get_one::<String>(sql).unwrap().unwrap()
 }
 
+/// The whole EXPLAIN (COSTS OFF) output of `sql`, one line per plan row.
+fn plan(sql: &str) -> String {
+    Spi::run(
+        "CREATE OR REPLACE FUNCTION pg_temp.plan(q text) RETURNS text LANGUAGE plpgsql AS $$
+         DECLARE r record; result text := '';
+         BEGIN FOR r IN EXECUTE 'EXPLAIN (COSTS OFF) ' || q LOOP
+             result := result || r.\"QUERY PLAN\" || E'\\n'; END LOOP; RETURN result; END $$",
+    )
+    .unwrap();
+    Spi::get_one_with_args::<String>("SELECT pg_temp.plan($1)", &[sql.into()])
+        .unwrap()
+        .unwrap()
+}
+
 fn float(sql: &str) -> f64 {
     Spi::get_one::<f64>(sql).unwrap().unwrap()
 }
@@ -437,5 +451,144 @@ mod tests {
         assert!(
             (float("SELECT embedding_norm(rsclip_encode_text('still alive'))") - 1.0).abs() < 1e-5
         );
+    }
+
+    // ---- the rsclip index access method ----
+
+    /// `n` rows of `dims`-d vectors around 8 well-separated centres (deterministic).
+    fn clustered_table(name: &str, dims: usize, n: usize) {
+        Spi::run(&format!(
+            "SELECT setseed(0.42);
+             CREATE TABLE {name} (id int PRIMARY KEY, emb embedding({dims}));
+             INSERT INTO {name}
+             SELECT i, rsclip_normalize(array_agg(((i % 8) = (d % 8))::int * 3 + random() - 0.5
+                                                  ORDER BY d)::real[]::embedding)
+             FROM generate_series(1, {n}) i, generate_series(1, {dims}) d GROUP BY i;"
+        ))
+        .unwrap();
+    }
+
+    fn ids(sql: &str) -> Vec<i32> {
+        Spi::get_one::<Vec<i32>>(&format!("SELECT array_agg(id) FROM ({sql}) s"))
+            .unwrap()
+            .unwrap_or_default()
+    }
+
+    fn recall(index_sql: &str) -> f64 {
+        Spi::run("SET LOCAL enable_seqscan = off; SET LOCAL enable_indexscan = on").unwrap();
+        let got = ids(index_sql);
+        Spi::run("SET LOCAL enable_seqscan = on; SET LOCAL enable_indexscan = off").unwrap();
+        let want = ids(index_sql);
+        Spi::run("RESET enable_seqscan; RESET enable_indexscan").unwrap();
+        assert_eq!(want.len(), 10, "{index_sql}");
+        got.iter().filter(|i| want.contains(i)).count() as f64 / want.len() as f64
+    }
+
+    #[pg_test]
+    fn index_build_scan_insert_and_check() {
+        clustered_table("ix", 32, 3000);
+        for (ops, op) in [
+            ("embedding_ip_ops", "<#>"),
+            ("embedding_cosine_ops", "<=>"),
+            ("embedding_l2_ops", "<->"),
+        ] {
+            Spi::run(&format!(
+                "CREATE INDEX ix_{op_name} ON ix USING rsclip (emb {ops})",
+                op_name = &ops[10..12]
+            ))
+            .unwrap();
+            let q = format!(
+                "SELECT id FROM ix ORDER BY emb {op} (SELECT emb FROM ix WHERE id = 7) LIMIT 10"
+            );
+            let plan = plan(&q);
+            assert!(plan.contains("Index Scan using ix_"), "{plan}");
+            let r = recall(&q);
+            assert!(r >= 0.9, "{ops}: recall {r}");
+        }
+        // Inserts after the build are found, NULLs are skipped.
+        Spi::run(
+            "INSERT INTO ix VALUES (100001, (SELECT emb FROM ix WHERE id = 7)), (100002, NULL)",
+        )
+        .unwrap();
+        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+        let near =
+            ids("SELECT id FROM ix ORDER BY emb <#> (SELECT emb FROM ix WHERE id = 7) LIMIT 2");
+        assert!(near.contains(&100001) && near.contains(&7), "{near:?}");
+        let check: serde_json::Value =
+            serde_json::from_str(&text("SELECT rsclip_index_check('ix_ip')::text")).unwrap();
+        assert_eq!(check["index_tuples"], 3001, "{check}");
+        assert_eq!(check["heap_rows_checked"], 3001, "{check}");
+        // Without ORDER BY the index is never chosen.
+        Spi::run("RESET enable_seqscan").unwrap();
+        let counted = plan("SELECT count(*) FROM ix");
+        assert!(!counted.contains("ix_ip"), "{counted}");
+        // Query of the wrong dimension, through the index.
+        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+        assert_error(
+            "SELECT id FROM ix ORDER BY emb <#> '[1,2,3]' LIMIT 1",
+            "22000",
+            "expected 32 dimensions, not 3",
+        );
+    }
+
+    #[pg_test]
+    fn index_on_empty_table_truncate_and_reindex() {
+        Spi::run("CREATE TABLE e (id int, emb embedding(4)); CREATE INDEX e_ix ON e USING rsclip (emb embedding_l2_ops)").unwrap();
+        Spi::run("INSERT INTO e SELECT i, ARRAY[i, 0, 0, 0]::real[]::embedding FROM generate_series(1, 500) i").unwrap();
+        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+        assert_eq!(
+            ids("SELECT id FROM e ORDER BY emb <-> '[250.2,0,0,0]' LIMIT 3"),
+            vec![250, 251, 249]
+        );
+        Spi::run("TRUNCATE e").unwrap();
+        assert_eq!(
+            ids("SELECT id FROM e ORDER BY emb <-> '[1,0,0,0]' LIMIT 3"),
+            Vec::<i32>::new()
+        );
+        Spi::run("INSERT INTO e SELECT i, ARRAY[i, 0, 0, 0]::real[]::embedding FROM generate_series(1, 100) i").unwrap();
+        Spi::run("REINDEX INDEX e_ix").unwrap();
+        assert_eq!(
+            ids("SELECT id FROM e ORDER BY emb <-> '[10,0,0,0]' LIMIT 1"),
+            vec![10]
+        );
+        let check: serde_json::Value =
+            serde_json::from_str(&text("SELECT rsclip_index_check('e_ix')::text")).unwrap();
+        assert_eq!(check["index_tuples"], 100, "{check}");
+        // Forced onto the index without an ORDER BY (no other path allowed), it refuses rather
+        // than silently returning nothing.
+        assert_error(
+            "SELECT count(*) FROM e",
+            "0A000",
+            "can only be scanned with ORDER BY",
+        );
+    }
+
+    #[pg_test]
+    fn index_definition_errors() {
+        Spi::run("CREATE TABLE d (id int, emb embedding, e2 embedding(3))").unwrap();
+        assert_error(
+            "CREATE INDEX ON d USING rsclip (emb embedding_ip_ops)",
+            "22023",
+            "does not have dimensions",
+        );
+        assert_error(
+            "CREATE INDEX ON d USING rsclip ((rsclip_normalize(e2)) embedding_ip_ops)",
+            "0A000",
+            "expressions",
+        );
+        assert_error(
+            "CREATE INDEX ON d USING rsclip (e2 embedding_ip_ops) WITH (lists = -1)",
+            "22023",
+            "lists",
+        );
+        Spi::run("CREATE INDEX d_ok ON d USING rsclip (e2 embedding_ip_ops) WITH (lists = 3)")
+            .unwrap();
+        Spi::run("CREATE INDEX d_btree ON d (id)").unwrap();
+        assert_error(
+            "SELECT rsclip_index_check('d_btree')",
+            "42809",
+            "not an rsclip index",
+        );
+        assert_error("SELECT rsclip_index_check('d')", "42809", "not an index");
     }
 }

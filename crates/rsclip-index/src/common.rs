@@ -47,8 +47,8 @@ impl PageCopy {
     }
 }
 
-/// Read and validate the meta page.
-pub(crate) fn read_meta<R: Relation>(rel: &R) -> Result<Meta> {
+/// Reads and validates the meta page (block 0).
+pub fn read_meta<R: Relation>(rel: &R) -> Result<Meta> {
     if rel.nblocks() == 0 {
         return Err(Error::corrupt(META_BLOCK, "index has no meta page"));
     }

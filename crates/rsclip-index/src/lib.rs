@@ -99,6 +99,7 @@ pub mod vacuum;
 
 pub use build::{default_lists, sample_size, AddOutcome, BuildParams, BuildStats, IndexBuilder};
 pub use check::{check, CheckReport};
+pub use common::read_meta;
 pub use insert::{insert, InsertOutcome};
 pub use kmeans::train_centroids;
 pub use scan::{default_probes, Scan, ScanStats};

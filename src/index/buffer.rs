@@ -1,0 +1,354 @@
+//! `rsclip-index`'s page abstraction over Postgres shared buffers.
+//!
+//! A read guard is a pinned, share-locked buffer. A write guard is a pinned, exclusively locked
+//! buffer registered with GenericXLog: its page pointer is GenericXLog's working copy, and the
+//! guard's drop either commits the change as one WAL record (`GenericXLogFinish`, which also
+//! marks the buffer dirty, and writes nothing when nothing changed) or, when the thread is
+//! unwinding from a panic or an ERROR, discards it (`GenericXLogAbort`): the shared page is then
+//! exactly as before the guard was taken. Locks are released in the same drop, before the error
+//! reaches Postgres' own cleanup. GenericXLog also covers unlogged and temporary indexes (it then
+//! only dirties the buffer) and the init fork of unlogged indexes.
+//!
+//! Page layout: a standard Postgres page (`PageInit`, line pointers, `PageAddItemExtended`,
+//! `PageIndexMultiDelete`) whose 16-byte special area holds the next block of the chain, the
+//! page-type flags and a page id that tools like pg_filedump use to recognise rsclip pages.
+
+use pgrx::pg_sys;
+use rsclip_index::page::{Opaque, PageRead, PageWrite, Relation, SPECIAL_SIZE};
+use rsclip_index::BlockNumber;
+
+/// Identifies rsclip index pages in the last two bytes of the special area.
+pub const PAGE_ID: u16 = 0xFF8C;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Special {
+    next: u32,
+    flags: u16,
+    page_id: u16,
+    reserved: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<Special>() == SPECIAL_SIZE);
+
+/// Reads the special area.
+///
+/// # Safety
+/// `page` must point to a whole, initialized page that stays valid and locked for the call.
+unsafe fn special(page: pg_sys::Page) -> Special {
+    // SAFETY: (caller) an initialized page; PageInit made the special area SPECIAL_SIZE bytes.
+    // An uninitialized (all-zero) page has pd_special = 0: report it as flags 0, the trait's
+    // "never initialized" value, instead of reading the header as a special area.
+    unsafe {
+        if pgrx::pg_sys::PageGetSpecialSize(page) as usize != SPECIAL_SIZE {
+            return Special {
+                next: u32::MAX,
+                flags: 0,
+                page_id: 0,
+                reserved: 0,
+            };
+        }
+        std::ptr::read_unaligned(pgrx::pg_sys::PageGetSpecialPointer(page) as *const Special)
+    }
+}
+
+/// Item `off` of `page`, if it is a used line pointer inside the page.
+///
+/// # Safety
+/// As for [`special`]; the returned slice borrows the page for `'a`, which the caller bounds by
+/// the guard's lifetime.
+unsafe fn item<'a>(page: pg_sys::Page, off: u16) -> Option<&'a mut [u8]> {
+    // SAFETY: (caller) a valid locked page. Line pointers are checked against the page bounds
+    // before the item is sliced, so a corrupt pointer yields None rather than a wild slice.
+    unsafe {
+        let max = pgrx::pg_sys::PageGetMaxOffsetNumber(page);
+        if off == 0 || off > max {
+            return None;
+        }
+        let id = pgrx::pg_sys::PageGetItemId(page, off);
+        if (*id).lp_flags() != pg_sys::LP_NORMAL {
+            return None;
+        }
+        let (start, len) = ((*id).lp_off() as usize, (*id).lp_len() as usize);
+        if start + len > pg_sys::BLCKSZ as usize
+            || start < std::mem::size_of::<pg_sys::PageHeaderData>()
+        {
+            return None;
+        }
+        Some(std::slice::from_raw_parts_mut(
+            (page as *mut u8).add(start),
+            len,
+        ))
+    }
+}
+
+/// A share-locked buffer.
+pub struct ReadGuard {
+    buffer: pg_sys::Buffer,
+    page: pg_sys::Page,
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        // SAFETY: we hold a pin and a share lock on this buffer, taken in `read`.
+        unsafe { pg_sys::UnlockReleaseBuffer(self.buffer) }
+    }
+}
+
+impl PageRead for ReadGuard {
+    fn opaque(&self) -> Opaque {
+        // SAFETY: the page is pinned and locked while the guard lives.
+        let s = unsafe { special(self.page) };
+        Opaque {
+            next: s.next,
+            flags: s.flags,
+        }
+    }
+    fn max_offset(&self) -> u16 {
+        // SAFETY: as above.
+        unsafe { pgrx::pg_sys::PageGetMaxOffsetNumber(self.page) }
+    }
+    fn item(&self, off: u16) -> Option<&[u8]> {
+        // SAFETY: as above; the slice borrows `self`.
+        unsafe { item(self.page, off).map(|s| &*s) }
+    }
+    fn free_space(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { pg_sys::PageGetFreeSpace(self.page) }
+    }
+}
+
+/// An exclusively locked buffer with its GenericXLog record in progress.
+pub struct WriteGuard {
+    buffer: pg_sys::Buffer,
+    state: *mut pg_sys::GenericXLogState,
+    page: pg_sys::Page,
+    changed: bool,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        // SAFETY: `state` was started for this buffer in `write`/`extend` and not yet finished;
+        // we hold the pin and the exclusive lock. Abort only frees the working copy; Finish
+        // copies it to the shared page and logs it inside a critical section.
+        unsafe {
+            if self.changed && !std::thread::panicking() {
+                pg_sys::GenericXLogFinish(self.state);
+            } else {
+                pg_sys::GenericXLogAbort(self.state);
+            }
+            pg_sys::UnlockReleaseBuffer(self.buffer);
+        }
+    }
+}
+
+impl PageRead for WriteGuard {
+    fn opaque(&self) -> Opaque {
+        // SAFETY: the working copy is valid while the guard lives.
+        let s = unsafe { special(self.page) };
+        Opaque {
+            next: s.next,
+            flags: s.flags,
+        }
+    }
+    fn max_offset(&self) -> u16 {
+        // SAFETY: as above.
+        unsafe { pgrx::pg_sys::PageGetMaxOffsetNumber(self.page) }
+    }
+    fn item(&self, off: u16) -> Option<&[u8]> {
+        // SAFETY: as above.
+        unsafe { item(self.page, off).map(|s| &*s) }
+    }
+    fn free_space(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { pg_sys::PageGetFreeSpace(self.page) }
+    }
+}
+
+impl PageWrite for WriteGuard {
+    fn set_opaque(&mut self, o: Opaque) {
+        self.changed = true;
+        // SAFETY: the working copy is ours to modify; a page with the wrong special size (never
+        // initialized) is initialized first so the special area exists.
+        unsafe {
+            if pgrx::pg_sys::PageGetSpecialSize(self.page) as usize != SPECIAL_SIZE {
+                pg_sys::PageInit(self.page, pg_sys::BLCKSZ as usize, SPECIAL_SIZE);
+            }
+            let s = Special {
+                next: o.next,
+                flags: o.flags,
+                page_id: PAGE_ID,
+                reserved: 0,
+            };
+            std::ptr::write_unaligned(
+                pgrx::pg_sys::PageGetSpecialPointer(self.page) as *mut Special,
+                s,
+            );
+        }
+    }
+    fn add_item(&mut self, data: &[u8]) -> Option<u16> {
+        if !rsclip_index::page::fits(self, data.len()) {
+            return None;
+        }
+        self.changed = true;
+        // SAFETY: PageAddItemExtended copies `data.len()` bytes from `data` onto the working
+        // copy after checking the space itself; InvalidOffsetNumber means "append".
+        let off = unsafe {
+            pg_sys::PageAddItemExtended(
+                self.page,
+                data.as_ptr() as pg_sys::Item,
+                data.len(),
+                pg_sys::InvalidOffsetNumber,
+                0,
+            )
+        };
+        (off != pg_sys::InvalidOffsetNumber).then_some(off)
+    }
+    fn item_mut(&mut self, off: u16) -> Option<&mut [u8]> {
+        self.changed = true;
+        // SAFETY: the working copy is ours; the slice borrows `self` mutably.
+        unsafe { item(self.page, off) }
+    }
+    fn delete_items(&mut self, offs: &[u16]) {
+        if offs.is_empty() {
+            return;
+        }
+        self.changed = true;
+        let mut sorted = offs.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        // SAFETY: PageIndexMultiDelete wants valid offsets in ascending order, which the trait's
+        // contract and the sort above provide; it compacts the working copy in place.
+        unsafe { pg_sys::PageIndexMultiDelete(self.page, sorted.as_mut_ptr(), sorted.len() as i32) }
+    }
+    fn reinit(&mut self, o: Opaque) {
+        // SAFETY: re-initializes the working copy.
+        unsafe { pg_sys::PageInit(self.page, pg_sys::BLCKSZ as usize, SPECIAL_SIZE) };
+        self.set_opaque(o);
+    }
+}
+
+/// One fork of an open index relation.
+pub struct IndexRelation {
+    rel: pg_sys::Relation,
+    fork: pg_sys::ForkNumber::Type,
+}
+
+impl IndexRelation {
+    /// # Safety
+    /// `rel` must be an open index relation, locked appropriately by the caller, for as long as
+    /// this value and its guards live.
+    pub unsafe fn new(rel: pg_sys::Relation, fork: pg_sys::ForkNumber::Type) -> Self {
+        IndexRelation { rel, fork }
+    }
+
+    fn buffer(&self, blk: BlockNumber) -> pg_sys::Buffer {
+        // SAFETY: (new) an open relation; reading a block past the end raises an ERROR.
+        unsafe {
+            pg_sys::ReadBufferExtended(
+                self.rel,
+                self.fork,
+                blk,
+                pg_sys::ReadBufferMode::RBM_NORMAL,
+                std::ptr::null_mut(),
+            )
+        }
+    }
+
+    fn start_record(&self, buffer: pg_sys::Buffer, full_image: bool) -> WriteGuard {
+        // SAFETY: the buffer is pinned and exclusively locked by the caller.
+        unsafe {
+            let state = pg_sys::GenericXLogStart(self.rel);
+            let flags = if full_image {
+                pg_sys::GENERIC_XLOG_FULL_IMAGE as i32
+            } else {
+                0
+            };
+            let page = pg_sys::GenericXLogRegisterBuffer(state, buffer, flags);
+            WriteGuard {
+                buffer,
+                state,
+                page,
+                changed: false,
+            }
+        }
+    }
+}
+
+impl Relation for IndexRelation {
+    type Read<'a> = ReadGuard;
+    type Write<'a> = WriteGuard;
+
+    fn read(&self, blk: BlockNumber) -> ReadGuard {
+        let buffer = self.buffer(blk);
+        // SAFETY: a pinned buffer of this relation.
+        unsafe {
+            pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_SHARE as i32);
+            ReadGuard {
+                buffer,
+                page: pg_sys::BufferGetPage(buffer),
+            }
+        }
+    }
+
+    fn write(&self, blk: BlockNumber) -> WriteGuard {
+        let buffer = self.buffer(blk);
+        // SAFETY: a pinned buffer of this relation.
+        unsafe { pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_EXCLUSIVE as i32) };
+        self.start_record(buffer, false)
+    }
+
+    fn extend(&self) -> (BlockNumber, WriteGuard) {
+        let buffer = extend_locked(self.rel, self.fork);
+        let mut guard = self.start_record(buffer, true);
+        guard.reinit(Opaque::new(0));
+        // SAFETY: a valid buffer.
+        let blk = unsafe { pg_sys::BufferGetBlockNumber(buffer) };
+        (blk, guard)
+    }
+
+    fn nblocks(&self) -> BlockNumber {
+        // SAFETY: an open relation.
+        unsafe { pg_sys::RelationGetNumberOfBlocksInFork(self.rel, self.fork) }
+    }
+}
+
+/// A new, exclusively locked buffer at the end of the fork.
+#[cfg(not(feature = "pg15"))]
+fn extend_locked(rel: pg_sys::Relation, fork: pg_sys::ForkNumber::Type) -> pg_sys::Buffer {
+    // SAFETY: ExtendBufferedRel takes the relation extension lock itself and returns the new
+    // buffer pinned and (EB_LOCK_FIRST) exclusively locked.
+    unsafe {
+        pg_sys::ExtendBufferedRel(
+            pg_sys::BufferManagerRelation {
+                rel,
+                smgr: std::ptr::null_mut(),
+                relpersistence: 0,
+            },
+            fork,
+            std::ptr::null_mut(),
+            pg_sys::ExtendBufferedFlags::EB_LOCK_FIRST,
+        )
+    }
+}
+
+/// A new, exclusively locked buffer at the end of the fork (PostgreSQL 15: P_NEW under the
+/// relation extension lock, so two backends never get the same block).
+#[cfg(feature = "pg15")]
+fn extend_locked(rel: pg_sys::Relation, fork: pg_sys::ForkNumber::Type) -> pg_sys::Buffer {
+    // SAFETY: the documented PostgreSQL 15 idiom: extension lock, ReadBuffer(P_NEW), lock the
+    // buffer before releasing the extension lock.
+    unsafe {
+        pg_sys::LockRelationForExtension(rel, pg_sys::ExclusiveLock as i32);
+        let buffer = pg_sys::ReadBufferExtended(
+            rel,
+            fork,
+            pg_sys::InvalidBlockNumber,
+            pg_sys::ReadBufferMode::RBM_NORMAL,
+            std::ptr::null_mut(),
+        );
+        pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_EXCLUSIVE as i32);
+        pg_sys::UnlockRelationForExtension(rel, pg_sys::ExclusiveLock as i32);
+        buffer
+    }
+}

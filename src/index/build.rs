@@ -1,0 +1,351 @@
+//! CREATE INDEX / REINDEX (and the init fork of unlogged indexes).
+//!
+//! Two passes over the table: (1) a reservoir sample, bounded by `maintenance_work_mem`, on
+//! which k-means trains the list centroids (on `max_parallel_maintenance_workers + 1` threads that
+//! never call Postgres); (2) every row is assigned to its nearest centroid and encoded, buffered
+//! per list within `maintenance_work_mem` and written list by list. Every page goes through
+//! GenericXLog, so the new index is WAL-logged and replicated like any other write. Phases and
+//! tuple counts are reported in `pg_stat_progress_create_index`.
+
+use super::buffer::IndexRelation;
+use super::{index_metric, indexed_dims, options, raise};
+use crate::datum;
+use crate::fmgr::error;
+use pgrx::{pg_sys, PgSqlErrorCode};
+use rsclip_index::rng::Rng;
+use rsclip_index::{BuildParams, IndexBuilder, Metric, Tid};
+
+/// Our build phases, after Postgres' own "initializing" (1).
+const PHASE_SAMPLE: i64 = 2;
+const PHASE_TRAIN: i64 = 3;
+const PHASE_LOAD: i64 = 4;
+
+/// The RaBitQ rotation seed and the k-means seed: fixed, so REINDEX of the same data rebuilds
+/// the same index.
+const ROTATION_SEED: u64 = 0x5253_434c_4950_0001;
+const KMEANS_SEED: u64 = 0x5253_434c_4950_0002;
+
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn ambuildphasename(phase: i64) -> *mut std::ffi::c_char {
+    let name: &std::ffi::CStr = match phase {
+        PHASE_SAMPLE => c"sampling rows",
+        PHASE_TRAIN => c"training list centroids",
+        PHASE_LOAD => c"assigning and writing rows",
+        _ => return std::ptr::null_mut(),
+    };
+    name.as_ptr() as *mut _
+}
+
+fn progress(param: u32, value: i64) {
+    // SAFETY: plain update of this backend's progress slot.
+    unsafe { pg_sys::pgstat_progress_update_param(param as i32, value) }
+}
+
+pub fn tid_of(ptr: pg_sys::ItemPointer) -> Tid {
+    // SAFETY: a valid ItemPointer from Postgres.
+    unsafe {
+        let p = &*ptr;
+        Tid {
+            block: ((p.ip_blkid.bi_hi as u32) << 16) | p.ip_blkid.bi_lo as u32,
+            offset: p.ip_posid,
+        }
+    }
+}
+
+pub fn item_pointer(tid: Tid) -> pg_sys::ItemPointerData {
+    pg_sys::ItemPointerData {
+        ip_blkid: pg_sys::BlockIdData {
+            bi_hi: (tid.block >> 16) as u16,
+            bi_lo: (tid.block & 0xffff) as u16,
+        },
+        ip_posid: tid.offset,
+    }
+}
+
+/// Checks a row's vector against the index's dimensions.
+fn check_dims(index: pg_sys::Relation, dims: u32, v: &[f32]) {
+    if v.len() != dims as usize {
+        error(
+            PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
+            format!(
+                "expected {dims} dimensions, not {} (index \"{}\")",
+                v.len(),
+                super::relation_name(index)
+            ),
+        );
+    }
+}
+
+struct SampleState {
+    index: pg_sys::Relation,
+    dims: u32,
+    capacity: usize,
+    sample: Vec<f32>,
+    seen: u64,
+    rng: Rng,
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn sample_callback(
+    _index: pg_sys::Relation,
+    _tid: pg_sys::ItemPointer,
+    values: *mut pg_sys::Datum,
+    isnull: *mut bool,
+    _alive: bool,
+    state: *mut std::ffi::c_void,
+) {
+    // SAFETY: `state` is the SampleState passed to table_index_build_scan; values/isnull hold
+    // the one index column.
+    unsafe {
+        let s = &mut *(state as *mut SampleState);
+        if *isnull {
+            return;
+        }
+        s.seen += 1;
+        let d = s.dims as usize;
+        datum::with(*values, |v| {
+            check_dims(s.index, s.dims, v);
+            let rows = s.sample.len() / d;
+            if rows < s.capacity {
+                s.sample.extend_from_slice(v);
+            } else {
+                let j = s.rng.below(s.seen) as usize;
+                if j < s.capacity {
+                    s.sample[j * d..(j + 1) * d].copy_from_slice(v);
+                }
+            }
+        });
+        pgrx::check_for_interrupts!();
+    }
+}
+
+struct LoadState<'a, 'r> {
+    index: pg_sys::Relation,
+    dims: u32,
+    builder: &'a mut IndexBuilder<'r, IndexRelation>,
+    heap_tuples: f64,
+    done: i64,
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn load_callback(
+    _index: pg_sys::Relation,
+    tid: pg_sys::ItemPointer,
+    values: *mut pg_sys::Datum,
+    isnull: *mut bool,
+    _alive: bool,
+    state: *mut std::ffi::c_void,
+) {
+    // SAFETY: `state` is the LoadState passed to table_index_build_scan.
+    unsafe {
+        let s = &mut *(state as *mut LoadState);
+        s.heap_tuples += 1.0;
+        if *isnull {
+            return;
+        }
+        let tid = tid_of(tid);
+        datum::with(*values, |v| {
+            check_dims(s.index, s.dims, v);
+            if let Err(e) = s.builder.add(tid, v) {
+                raise(s.index, e);
+            }
+        });
+        s.done += 1;
+        if s.done % 1024 == 0 {
+            progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, s.done);
+            pgrx::check_for_interrupts!();
+        }
+    }
+}
+
+/// `maintenance_work_mem` in bytes.
+fn maintenance_work_mem() -> usize {
+    // SAFETY: a plain GUC variable (kB).
+    (unsafe { pg_sys::maintenance_work_mem }) as usize * 1024
+}
+
+fn build_threads() -> usize {
+    // SAFETY: a plain GUC variable.
+    let workers = unsafe { pg_sys::max_parallel_maintenance_workers };
+    (workers.max(0) as usize + 1).min(64)
+}
+
+/// Builds the index into `fork`; returns (heap tuples, index tuples).
+unsafe fn build(
+    heap: pg_sys::Relation,
+    index: pg_sys::Relation,
+    info: *mut pg_sys::IndexInfo,
+    fork: pg_sys::ForkNumber::Type,
+) -> (f64, f64) {
+    super::indexed_column(index);
+    let dims = indexed_dims(index);
+    if dims > rsclip_index::MAX_DIMS {
+        raise(
+            index,
+            rsclip_index::Error::TooManyDims {
+                dims,
+                max: rsclip_index::MAX_DIMS,
+            },
+        );
+    }
+    let metric = index_metric(index);
+    let requested_lists = options::lists(index);
+    // SAFETY: (caller) open relations; the fork is empty.
+    let rel = unsafe { IndexRelation::new(index, fork) };
+    let row_bytes = dims as usize * 4;
+    let mwm = maintenance_work_mem();
+
+    let (sample, rows) = if heap.is_null() {
+        (Vec::new(), 0)
+    } else {
+        // Pass 1: sample.
+        progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_SAMPLE);
+        // SAFETY: rd_rel of an open heap.
+        let reltuples = unsafe { (*(*heap).rd_rel).reltuples }.max(0.0) as u64;
+        let planned_lists = if requested_lists > 0 {
+            requested_lists
+        } else {
+            rsclip_index::default_lists(reltuples)
+        };
+        let wanted = rsclip_index::sample_size(planned_lists);
+        let affordable = (mwm / 2 / row_bytes).max(1);
+        if affordable < wanted {
+            pgrx::debug1!(
+                "rsclip: maintenance_work_mem allows a sample of {affordable} rows instead of {wanted}"
+            );
+        }
+        let mut state = SampleState {
+            index,
+            dims,
+            capacity: wanted.min(affordable),
+            sample: Vec::new(),
+            seen: 0,
+            rng: Rng::new(KMEANS_SEED),
+        };
+        // SAFETY: the callback gets `state` back; allow_sync/progress as CREATE INDEX does.
+        unsafe {
+            pg_sys::table_index_build_scan(
+                heap,
+                index,
+                info,
+                true,
+                true,
+                Some(sample_callback),
+                &mut state as *mut SampleState as *mut std::ffi::c_void,
+                std::ptr::null_mut(),
+            );
+        }
+        (state.sample, state.seen)
+    };
+
+    // Train.
+    progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_TRAIN);
+    progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_TOTAL, rows as i64);
+    let sample_rows = sample.len() / dims as usize;
+    let lists = if rows == 0 {
+        0
+    } else if requested_lists > 0 {
+        requested_lists.min(sample_rows as u32)
+    } else {
+        rsclip_index::default_lists(rows).min(sample_rows as u32)
+    };
+    let centroids = if lists == 0 {
+        Vec::new()
+    } else {
+        rsclip_index::train_centroids(
+            metric,
+            &sample,
+            dims as usize,
+            lists,
+            KMEANS_SEED,
+            build_threads(),
+        )
+        .unwrap_or_else(|e| raise(index, e))
+    };
+    drop(sample);
+
+    // Pass 2: assign, encode, write.
+    progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_LOAD);
+    let params = BuildParams {
+        dims,
+        metric,
+        seed: ROTATION_SEED,
+        memory_limit_bytes: mwm.max(1 << 20),
+    };
+    let mut builder =
+        IndexBuilder::new(&rel, &params, &centroids).unwrap_or_else(|e| raise(index, e));
+    let mut heap_tuples = 0.0;
+    if !heap.is_null() {
+        let mut state = LoadState {
+            index,
+            dims,
+            builder: &mut builder,
+            heap_tuples: 0.0,
+            done: 0,
+        };
+        // SAFETY: as for pass 1.
+        unsafe {
+            pg_sys::table_index_build_scan(
+                heap,
+                index,
+                info,
+                true,
+                true,
+                Some(load_callback),
+                &mut state as *mut LoadState as *mut std::ffi::c_void,
+                std::ptr::null_mut(),
+            );
+        }
+        heap_tuples = state.heap_tuples;
+    }
+    let stats = builder.finish().unwrap_or_else(|e| raise(index, e));
+    if stats.flushes > 0 {
+        pgrx::debug1!(
+            "rsclip: the build flushed its buffered rows {} times to stay within maintenance_work_mem",
+            stats.flushes
+        );
+    }
+    if metric == Metric::Cosine && stats.skipped_zero > 0 {
+        pgrx::debug1!(
+            "rsclip: {} zero vectors have no cosine distance and are not indexed",
+            stats.skipped_zero
+        );
+    }
+    progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, stats.tuples as i64);
+    (heap_tuples, stats.tuples as f64)
+}
+
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn ambuild(
+    heap: pg_sys::Relation,
+    index: pg_sys::Relation,
+    info: *mut pg_sys::IndexInfo,
+) -> *mut pg_sys::IndexBuildResult {
+    // SAFETY: Postgres passes open, locked relations and an empty index.
+    let (heap_tuples, index_tuples) =
+        unsafe { build(heap, index, info, pg_sys::ForkNumber::MAIN_FORKNUM) };
+    // SAFETY: palloc0 of the result struct Postgres expects.
+    unsafe {
+        let result = pg_sys::palloc0(std::mem::size_of::<pg_sys::IndexBuildResult>())
+            as *mut pg_sys::IndexBuildResult;
+        (*result).heap_tuples = heap_tuples;
+        (*result).index_tuples = index_tuples;
+        result
+    }
+}
+
+/// The init fork of an unlogged index: an empty index (one list) that inserts fill after a
+/// crash reset.
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn ambuildempty(index: pg_sys::Relation) {
+    let fork = pg_sys::ForkNumber::INIT_FORKNUM;
+    // SAFETY: an open index with an empty init fork.
+    unsafe { build(std::ptr::null_mut(), index, std::ptr::null_mut(), fork) };
+    // GenericXLog does not log unlogged relations, but the init fork must survive a crash: it is
+    // what the main fork is reset to.
+    // SAFETY: logs full images of every page of the fork just written.
+    unsafe {
+        let blocks = pg_sys::RelationGetNumberOfBlocksInFork(index, fork);
+        pg_sys::log_newpage_range(index, fork, 0, blocks, true);
+    }
+}

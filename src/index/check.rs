@@ -1,0 +1,138 @@
+//! `rsclip_index_check(regclass) -> jsonb`: verifies an index's structure (every page, chain and
+//! item parses; no cycles; no TID twice) and that every row visible to the current snapshot with
+//! a non-NULL value is reachable from it, in the spirit of amcheck's `heapallindexed`.
+
+use super::buffer::IndexRelation;
+use super::build::tid_of;
+use super::index_metric;
+use crate::datum;
+use crate::fmgr::{arg, error, error_detail, pg_function};
+use pgrx::{pg_sys, PgSqlErrorCode};
+use rsclip_index::{Metric, Tid};
+
+struct HeapState {
+    metric: Metric,
+    indexed: Vec<Tid>,
+    checked: u64,
+    missing: Vec<Tid>,
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn heap_callback(
+    _index: pg_sys::Relation,
+    tid: pg_sys::ItemPointer,
+    values: *mut pg_sys::Datum,
+    isnull: *mut bool,
+    _alive: bool,
+    state: *mut std::ffi::c_void,
+) {
+    // SAFETY: `state` is our HeapState; values/isnull hold the one index column.
+    unsafe {
+        let s = &mut *(state as *mut HeapState);
+        if *isnull {
+            return;
+        }
+        // Zero vectors have no cosine direction and are deliberately not indexed.
+        if s.metric == Metric::Cosine && datum::with(*values, |v| v.iter().all(|x| *x == 0.0)) {
+            return;
+        }
+        s.checked += 1;
+        let tid = tid_of(tid);
+        if s.indexed.binary_search(&tid).is_err() {
+            s.missing.push(tid);
+        }
+        if s.checked.is_multiple_of(4096) {
+            pgrx::check_for_interrupts!();
+        }
+    }
+}
+
+fn show(t: &Tid) -> String {
+    format!("({},{})", t.block, t.offset)
+}
+
+pg_function! {
+    /// `rsclip_index_check(index regclass) -> jsonb`
+    fn rsclip_index_check(fcinfo) {
+        // SAFETY: STRICT with a regclass (an Oid) argument.
+        let oid = pg_sys::Oid::from(unsafe { arg(fcinfo, 0) }.value() as u32);
+        // SAFETY: opening by OID with AccessShareLock raises an ERROR for a missing relation;
+        // the checks below reject anything that is not an rsclip index before reading pages.
+        let report = unsafe {
+            let index = pg_sys::index_open(oid, pg_sys::AccessShareLock as i32);
+            if (*(*index).rd_rel).relam != pg_sys::get_am_oid(c"rsclip".as_ptr(), true) {
+                error(
+                    PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+                    format!("\"{}\" is not an rsclip index", super::relation_name(index)),
+                );
+            }
+            let heap_oid = (*(*index).rd_index).indrelid;
+            let heap = pg_sys::table_open(heap_oid, pg_sys::AccessShareLock as i32);
+            // The snapshot is taken before the index is read: a row it sees committed had its
+            // index entry written before that, so a missing entry is a real defect.
+            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
+            let rel = IndexRelation::new(index, pg_sys::ForkNumber::MAIN_FORKNUM);
+            let report = rsclip_index::check(&rel).unwrap_or_else(|e| super::raise(index, e));
+            if report.duplicate_tids > 0 {
+                error(
+                    PgSqlErrorCode::ERRCODE_INDEX_CORRUPTED,
+                    format!(
+                        "rsclip index \"{}\" holds {} duplicate entries",
+                        super::relation_name(index),
+                        report.duplicate_tids
+                    ),
+                );
+            }
+            let mut state = HeapState {
+                metric: index_metric(index),
+                indexed: report.tids.clone(),
+                checked: 0,
+                missing: Vec::new(),
+            };
+            let info = pg_sys::BuildIndexInfo(index);
+            let scan = pg_sys::table_beginscan_strat(heap, snapshot, 0, std::ptr::null_mut(), true, false);
+            pg_sys::table_index_build_scan(
+                heap,
+                index,
+                info,
+                true,
+                false,
+                Some(heap_callback),
+                &mut state as *mut HeapState as *mut std::ffi::c_void,
+                scan,
+            );
+            pg_sys::UnregisterSnapshot(snapshot);
+            if !state.missing.is_empty() {
+                let examples: Vec<String> = state.missing.iter().take(5).map(show).collect();
+                error_detail(
+                    PgSqlErrorCode::ERRCODE_INDEX_CORRUPTED,
+                    format!(
+                        "rsclip index \"{}\" lacks entries for {} of {} visible rows",
+                        super::relation_name(index),
+                        state.missing.len(),
+                        state.checked
+                    ),
+                    format!("first missing heap TIDs: {}", examples.join(", ")),
+                );
+            }
+            let summary = serde_json::json!({
+                "index": super::relation_name(index),
+                "dims": report.dims,
+                "metric": format!("{:?}", report.metric),
+                "lists": report.nlists,
+                "pages": report.nblocks,
+                "centroid_pages": report.centroid_pages,
+                "list_pages": report.list_pages,
+                "orphan_pages": report.orphan_pages,
+                "empty_lists": report.empty_lists,
+                "longest_chain": report.longest_chain,
+                "index_tuples": report.tids.len(),
+                "heap_rows_checked": state.checked,
+            });
+            pg_sys::table_close(heap, pg_sys::AccessShareLock as i32);
+            pg_sys::index_close(index, pg_sys::AccessShareLock as i32);
+            summary
+        };
+        crate::encode::jsonb_datum(&report.to_string())
+    }
+}

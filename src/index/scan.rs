@@ -1,0 +1,202 @@
+//! Index scans: `ORDER BY emb <op> query [LIMIT k]`.
+//!
+//! The crate's scan estimates distances from the RaBitQ codes of the probed lists and asks us for
+//! the exact distance of each candidate it cannot rule out; we read it from the table row visible
+//! to the scan's snapshot (rows live inline thanks to STORAGE main, so this is one buffer access)
+//! with the operator's own kernel. Rows come back in exact distance order within the probed
+//! lists. When they run out (a selective WHERE filter rejected what was found) the scan probes the
+//! next `rsclip.probes` lists, up to `rsclip.max_probes`, so `WHERE ... ORDER BY ... LIMIT k`
+//! finds k rows whenever they exist; order across such expansions is relaxed (as with pgvector's
+//! relaxed iterative scans).
+
+use super::buffer::IndexRelation;
+use super::build::item_pointer;
+use super::{exact_distance, index_metric, indexed_column, raise};
+use crate::datum;
+use crate::fmgr::error;
+use crate::settings;
+use pgrx::{pg_sys, PgMemoryContexts, PgSqlErrorCode};
+use rsclip_index::{Metric, Scan, Tid};
+
+struct ScanState {
+    metric: Metric,
+    heap_attnum: i16,
+    has_order: bool,
+    /// None: a NULL query (no row has a distance to it).
+    query: Option<Vec<f32>>,
+    scan: Option<Scan>,
+    fetch: *mut pg_sys::IndexFetchTableData,
+    slot: *mut pg_sys::TupleTableSlot,
+}
+
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn ambeginscan(
+    index: pg_sys::Relation,
+    nkeys: i32,
+    norderbys: i32,
+) -> pg_sys::IndexScanDesc {
+    // SAFETY: RelationGetIndexScan allocates the descriptor (and the orderby value arrays) in
+    // the current memory context, which lives as long as the scan.
+    let scan = unsafe { pg_sys::RelationGetIndexScan(index, nkeys, norderbys) };
+    let state = ScanState {
+        metric: index_metric(index),
+        heap_attnum: indexed_column(index),
+        has_order: false,
+        query: None,
+        scan: None,
+        fetch: std::ptr::null_mut(),
+        slot: std::ptr::null_mut(),
+    };
+    // The state owns Rust allocations; tie them to the memory context so an aborted query (which
+    // never calls amendscan) frees them too.
+    let state = PgMemoryContexts::CurrentMemoryContext.leak_and_drop_on_delete(state);
+    // SAFETY: a fresh descriptor; opaque is ours. RelationGetIndexScan leaves the ORDER BY
+    // value arrays to the AM (they are uninitialized, not NULL), so allocate them here.
+    unsafe {
+        (*scan).opaque = state as *mut std::ffi::c_void;
+        let n = norderbys.max(1) as usize;
+        (*scan).xs_orderbyvals =
+            pg_sys::palloc0(n * std::mem::size_of::<pg_sys::Datum>()) as *mut pg_sys::Datum;
+        (*scan).xs_orderbynulls = pg_sys::palloc0(n * std::mem::size_of::<bool>()) as *mut bool;
+    }
+    scan
+}
+
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn amrescan(
+    scan: pg_sys::IndexScanDesc,
+    _keys: pg_sys::ScanKey,
+    _nkeys: i32,
+    orderbys: pg_sys::ScanKey,
+    norderbys: i32,
+) {
+    // SAFETY: opaque was set in ambeginscan; orderbys has norderbys entries.
+    unsafe {
+        let state = &mut *((*scan).opaque as *mut ScanState);
+        state.scan = None;
+        state.has_order = norderbys > 0 && !orderbys.is_null();
+        state.query = None;
+        if state.has_order {
+            let key = &*orderbys;
+            if key.sk_flags & pg_sys::SK_ISNULL as i32 == 0 {
+                state.query = Some(datum::with(key.sk_argument, |v| v.to_vec()));
+            }
+        }
+    }
+}
+
+fn start(index: pg_sys::Relation, rel: &IndexRelation, query: &[f32]) -> Scan {
+    let meta = rsclip_index::read_meta(rel).unwrap_or_else(|e| raise(index, e));
+    if query.len() != meta.dims as usize {
+        error(
+            PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
+            format!(
+                "expected {} dimensions, not {} (query vector for index \"{}\")",
+                meta.dims,
+                query.len(),
+                super::relation_name(index)
+            ),
+        );
+    }
+    let probes = match settings::PROBES.get() {
+        0 => rsclip_index::default_probes(meta.nlists),
+        p => p as u32,
+    };
+    let max_probes = settings::MAX_PROBES.get().max(0) as u32;
+    Scan::new(rel, query, probes, max_probes).unwrap_or_else(|e| raise(index, e))
+}
+
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn amgettuple(
+    scan: pg_sys::IndexScanDesc,
+    _direction: pg_sys::ScanDirection::Type,
+) -> bool {
+    // SAFETY: a descriptor from ambeginscan, with heapRelation and xs_snapshot set by
+    // index_beginscan; every pointer below belongs to it.
+    unsafe {
+        let index = (*scan).indexRelation;
+        let state = &mut *((*scan).opaque as *mut ScanState);
+        if !state.has_order {
+            error(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!(
+                    "rsclip index \"{}\" can only be scanned with ORDER BY <#>, <=> or <->",
+                    super::relation_name(index)
+                ),
+            );
+        }
+        let Some(query) = state.query.as_deref() else {
+            return false;
+        };
+        let rel = IndexRelation::new(index, pg_sys::ForkNumber::MAIN_FORKNUM);
+        if state.scan.is_none() {
+            state.scan = Some(start(index, &rel, query));
+        }
+        if state.fetch.is_null() {
+            let heap = (*scan).heapRelation;
+            state.fetch = pg_sys::table_index_fetch_begin(heap);
+            state.slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
+        }
+        let (metric, attnum, fetch, slot) =
+            (state.metric, state.heap_attnum, state.fetch, state.slot);
+        let snapshot = (*scan).xs_snapshot;
+        let mut rerank = |tid: Tid| -> Option<f32> {
+            let mut tid = item_pointer(tid);
+            let mut call_again = false;
+            let mut all_dead = false;
+            if !pg_sys::table_index_fetch_tuple(
+                fetch,
+                &mut tid,
+                snapshot,
+                slot,
+                &mut call_again,
+                &mut all_dead,
+            ) {
+                return None;
+            }
+            let mut isnull = false;
+            let value = pg_sys::slot_getattr(slot, attnum as i32, &mut isnull);
+            if isnull {
+                return None;
+            }
+            datum::with(value, |v| {
+                (v.len() == query.len()).then(|| exact_distance(metric, v, query) as f32)
+            })
+        };
+        let next = state
+            .scan
+            .as_mut()
+            .expect("started above")
+            .next(&rel, &mut rerank);
+        match next {
+            Ok(Some((tid, distance))) => {
+                (*scan).xs_heaptid = item_pointer(tid);
+                (*scan).xs_recheck = false;
+                (*scan).xs_recheckorderby = false;
+                *(*scan).xs_orderbyvals = pg_sys::Datum::from((distance as f64).to_bits());
+                *(*scan).xs_orderbynulls = false;
+                true
+            }
+            Ok(None) => false,
+            Err(e) => raise(index, e),
+        }
+    }
+}
+
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn amendscan(scan: pg_sys::IndexScanDesc) {
+    // SAFETY: releases what amgettuple created; the state itself is freed with its context.
+    unsafe {
+        let state = &mut *((*scan).opaque as *mut ScanState);
+        if !state.fetch.is_null() {
+            pg_sys::table_index_fetch_end(state.fetch);
+            state.fetch = std::ptr::null_mut();
+        }
+        if !state.slot.is_null() {
+            pg_sys::ExecDropSingleTupleTableSlot(state.slot);
+            state.slot = std::ptr::null_mut();
+        }
+        state.scan = None;
+        state.query = None;
+    }
+}
