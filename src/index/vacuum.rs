@@ -7,6 +7,20 @@ use super::raise;
 use pgrx::pg_sys;
 use rsclip_index::page::Relation;
 
+/// Lets VACUUM's cost-based delay and cancellation act during long index passes.
+fn delay_point() {
+    // SAFETY: callable from any VACUUM code path outside critical sections.
+    #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+    unsafe {
+        pg_sys::vacuum_delay_point()
+    };
+    // SAFETY: as above (PostgreSQL 18 added the is_analyze flag).
+    #[cfg(feature = "pg18")]
+    unsafe {
+        pg_sys::vacuum_delay_point(false)
+    };
+}
+
 fn result_or_new(stats: *mut pg_sys::IndexBulkDeleteResult) -> *mut pg_sys::IndexBulkDeleteResult {
     if stats.is_null() {
         // SAFETY: palloc0 of the struct Postgres expects back.
@@ -36,7 +50,7 @@ pub unsafe extern "C-unwind" fn ambulkdelete(
         let mut is_dead = |tid: rsclip_index::Tid| {
             calls += 1;
             if calls.is_multiple_of(4096) {
-                pg_sys::vacuum_delay_point(false);
+                delay_point();
             }
             let mut ptr = item_pointer(tid);
             callback(&mut ptr, callback_state)
