@@ -7,7 +7,7 @@ PY := $(ENV) "$$RSCLIP_VENV/bin/python"
 ITEST_PORT := $(shell echo $$((55400 + $(PG))))
 FUZZ_SECONDS ?= 30
 
-.PHONY: setup build install lint unit pgtest itest test server stop demo bench bench-encode export-env fuzz fixture clean
+.PHONY: setup build install lint unit pgtest itest test server stop demo bench bench-index bench-encode export-env fuzz fixture clean
 
 setup:
 	@bash tools/setup.sh
@@ -61,6 +61,13 @@ BENCH_SHARED_BUFFERS ?= 4GB
 bench: install
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
 	@$(PY) bench/exact_search.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS)
+
+# Approximate search: rsclip index vs pgvector HNSW / IVFFlat (QPS-recall curves, build time,
+# size; table + PNG in bench/results/). ROWS=1000000 for the by-hand large run.
+bench-index: install
+	@$(ENV) "$$RSCLIP_VENV/bin/python" -c "import matplotlib" 2>/dev/null || "$$RSCLIP_VENV/bin/pip" install -q matplotlib==3.10.8
+	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
+	@$(PY) bench/index.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS)
 
 # Encoding throughput: rsclip vs a Python pipeline vs bare ONNX Runtime, on the fixture and on
 # the git-rsclip-base architecture with random weights (exported on first use, not committed).

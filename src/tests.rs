@@ -554,13 +554,17 @@ mod tests {
         let check: serde_json::Value =
             serde_json::from_str(&text("SELECT rsclip_index_check('e_ix')::text")).unwrap();
         assert_eq!(check["index_tuples"], 100, "{check}");
-        // Forced onto the index without an ORDER BY (no other path allowed), it refuses rather
-        // than silently returning nothing.
-        assert_error(
-            "SELECT count(*) FROM e",
-            "0A000",
-            "can only be scanned with ORDER BY",
-        );
+        // Forced onto the index without an ORDER BY (PostgreSQL 18 prefers it to a disabled
+        // sequential scan; 15 does not), it refuses rather than silently returning nothing.
+        if plan("SELECT count(*) FROM e").contains("e_ix") {
+            assert_error(
+                "SELECT count(*) FROM e",
+                "0A000",
+                "can only be scanned with ORDER BY",
+            );
+        } else {
+            assert_eq!(outcome("SELECT count(*) FROM e"), "ok");
+        }
     }
 
     #[pg_test]

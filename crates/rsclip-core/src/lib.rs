@@ -5,6 +5,7 @@
 //! The pgrx crate at the repository root is thin glue around these modules.
 
 pub mod binary;
+pub mod bits;
 pub mod distance;
 pub mod text;
 

@@ -119,7 +119,13 @@ pub(crate) fn encode_tuple(out: &mut Vec<u8>, tid: Tid, v: &[f32], c: &[f32]) {
     let resid: Vec<f32> = v.iter().zip(c).map(|(a, b)| a - b).collect();
     let code = encode(&resid);
     let rc = dot(&resid, c);
-    encode_list_tuple(out, tid, code.norm, code.dot_oo, rc, &code.bits);
+    if crate::format::has_refine(resid.len()) {
+        let (lo, delta, u) = crate::rabitq::quantize_u8(&resid);
+        let refine = Some((lo, delta, &u[..]));
+        encode_list_tuple(out, tid, code.norm, code.dot_oo, rc, &code.bits, refine);
+    } else {
+        encode_list_tuple(out, tid, code.norm, code.dot_oo, rc, &code.bits, None);
+    }
 }
 
 /// Walk the centroid chain: call `on_page` for each page and `f(list, head, centroid)` for

@@ -41,7 +41,7 @@
 //! | 12 | u32 | reserved (0) |
 //! | 16 | f32 × n | centroid coordinates `start .. start + n` |
 //!
-//! ## List tuple (20 + D/8 bytes; 116 for 768 dims)
+//! ## List tuple (20 + D/8 + 8 + D bytes: 892 for 768 dims; 20 + D/8 when D > 4096)
 //! | off | type | field |
 //! |----:|------|-------|
 //! | 0  | u32 | heap block |
@@ -51,6 +51,9 @@
 //! | 12 | f32 | `<ō, o>`: inner product of the unit residual with its 1-bit quantization |
 //! | 16 | f32 | `<r, c>` |
 //! | 20 | u64 × D/64 | sign bits of the rotated residual: bit `i % 64` of word `i / 64` is 1 iff coordinate `i` ≥ 0 |
+//! | 20 + D/8 | f32 | `lo` of the 8-bit code (only when D ≤ 4096) |
+//! | 24 + D/8 | f32 | `delta` of the 8-bit code |
+//! | 28 + D/8 | u8 × D | rotated residual ≈ `lo + delta * u_i` (round to nearest) |
 
 use crate::page::MAX_ITEM_SIZE;
 use crate::rabitq::padded_dims;
@@ -59,8 +62,8 @@ use std::fmt;
 
 /// Magic number of the meta page ("RSIQ").
 pub const MAGIC: u32 = 0x5153_4952;
-/// Format version written by this crate.
-pub const VERSION: u32 = 1;
+/// Format version written by this crate (2: list tuples carry an 8-bit refinement code).
+pub const VERSION: u32 = 2;
 /// Block number of the meta page.
 pub const META_BLOCK: BlockNumber = 0;
 /// Opaque flag of the meta page.
@@ -75,6 +78,16 @@ pub const ROTATION_ROUNDS: u32 = 3;
 pub const CENTROID_HEADER: usize = 16;
 /// Size of the list tuple header (before the code bits).
 pub const LIST_TUPLE_HEADER: usize = 20;
+/// Size of the refinement header (`lo`, `delta`) after the code bits.
+pub const REFINE_HEADER: usize = 8;
+/// Largest padded dimension count whose tuples carry the 8-bit refinement code (a tuple must fit
+/// a page); wider indexes use the 1-bit code alone.
+pub const REFINE_MAX_DIMS: usize = 4096;
+
+/// Whether list tuples of `padded_dims` carry the refinement code.
+pub fn has_refine(padded_dims: usize) -> bool {
+    padded_dims <= REFINE_MAX_DIMS
+}
 
 /// Invalid bytes: why they cannot be parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -290,7 +303,12 @@ pub fn centroid_chunk_capacity(free: usize) -> usize {
 
 /// Size of a list tuple for `padded_dims` dimensions.
 pub fn list_tuple_size(padded_dims: usize) -> usize {
-    LIST_TUPLE_HEADER + padded_dims / 8
+    let refine = if has_refine(padded_dims) {
+        REFINE_HEADER + padded_dims
+    } else {
+        0
+    };
+    LIST_TUPLE_HEADER + padded_dims / 8 + refine
 }
 
 /// A parsed list tuple.
@@ -306,6 +324,13 @@ pub struct ListTuple<'a> {
     pub rc: f32,
     /// Code bits, `D / 8` bytes (little-endian u64 words).
     pub code: &'a [u8],
+    /// The rotated residual quantized to 8 bits, `lo + delta * u` per coordinate (`D` bytes);
+    /// empty when the index is too wide for it.
+    pub refine: &'a [u8],
+    /// Offset of the 8-bit code.
+    pub refine_lo: f32,
+    /// Step of the 8-bit code.
+    pub refine_delta: f32,
 }
 
 /// Read only the heap tid of a list tuple (for vacuum); validates the length.
@@ -346,17 +371,36 @@ impl<'a> ListTuple<'a> {
         if !rc.is_finite() {
             return err("list tuple has non-finite <r,c>");
         }
+        let code_end = LIST_TUPLE_HEADER + padded_dims / 8;
+        let (refine, refine_lo, refine_delta) = if has_refine(padded_dims) {
+            let lo = f32_at(b, code_end);
+            let delta = f32_at(b, code_end + 4);
+            if !(lo.is_finite() && delta.is_finite() && delta >= 0.0) {
+                return err(format!(
+                    "list tuple has invalid refinement scale {lo} {delta}"
+                ));
+            }
+            (&b[code_end + REFINE_HEADER..], lo, delta)
+        } else {
+            (&b[code_end..code_end], 0.0, 0.0)
+        };
         Ok(ListTuple {
             tid,
             norm,
             dot_oo,
             rc,
-            code: &b[LIST_TUPLE_HEADER..],
+            code: &b[LIST_TUPLE_HEADER..code_end],
+            refine,
+            refine_lo,
+            refine_delta,
         })
     }
 }
 
-/// Append an encoded list tuple to `out`.
+/// The 8-bit refinement code of a tuple: `(lo, delta, u)`.
+pub type Refine<'a> = (f32, f32, &'a [u8]);
+
+/// Append an encoded list tuple to `out`; `refine` is required iff [`has_refine`].
 pub fn encode_list_tuple(
     out: &mut Vec<u8>,
     tid: Tid,
@@ -364,6 +408,7 @@ pub fn encode_list_tuple(
     dot_oo: f32,
     rc: f32,
     bits: &[u64],
+    refine: Option<Refine<'_>>,
 ) {
     out.extend_from_slice(&tid.block.to_le_bytes());
     out.extend_from_slice(&tid.offset.to_le_bytes());
@@ -373,6 +418,11 @@ pub fn encode_list_tuple(
     out.extend_from_slice(&rc.to_le_bytes());
     for w in bits {
         out.extend_from_slice(&w.to_le_bytes());
+    }
+    if let Some((lo, delta, u)) = refine {
+        out.extend_from_slice(&lo.to_le_bytes());
+        out.extend_from_slice(&delta.to_le_bytes());
+        out.extend_from_slice(u);
     }
 }
 
@@ -402,7 +452,7 @@ mod tests {
         assert_eq!(Meta::decode(&b), Ok(m));
         for (off, val) in [
             (0usize, 1u32),
-            (4, 2),
+            (4, 1),
             (8, 0),
             (8, 20000),
             (12, 769),
@@ -426,13 +476,33 @@ mod tests {
             block: 7,
             offset: 3,
         };
-        encode_list_tuple(&mut out, tid, 1.5, 0.8, -0.25, &[1, 2]);
+        let u: Vec<u8> = (0..128).map(|i| i as u8).collect();
+        encode_list_tuple(
+            &mut out,
+            tid,
+            1.5,
+            0.8,
+            -0.25,
+            &[1, 2],
+            Some((-0.5, 0.01, &u)),
+        );
         assert_eq!(out.len(), list_tuple_size(128));
         let t = ListTuple::decode(&out, 128).unwrap();
         assert_eq!(t.tid, tid);
         assert_eq!((t.norm, t.dot_oo, t.rc), (1.5, 0.8, -0.25));
+        assert_eq!(t.code.len(), 16);
         assert_eq!(t.code[0], 1);
         assert_eq!(t.code[8], 2);
+        assert_eq!(
+            (t.refine_lo, t.refine_delta, t.refine),
+            (-0.5, 0.01, &u[..])
+        );
+        // Too wide for the refinement code: 1-bit code only.
+        let wide = REFINE_MAX_DIMS + 64;
+        let mut w = Vec::new();
+        encode_list_tuple(&mut w, tid, 1.0, 0.8, 0.0, &vec![0u64; wide / 64], None);
+        assert_eq!(w.len(), list_tuple_size(wide));
+        assert!(ListTuple::decode(&w, wide).unwrap().refine.is_empty());
         assert!(ListTuple::decode(&out, 192).is_err());
         let mut bad = out.clone();
         bad[12..16].copy_from_slice(&f32::NAN.to_le_bytes());

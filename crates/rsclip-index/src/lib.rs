@@ -2,10 +2,12 @@
 //!
 //! This crate is the Postgres-independent half of the `rsclip` index access method. Vectors are
 //! partitioned into *lists* by k-means centroids (IVF); inside a list every vector is stored as a
-//! RaBitQ 1-bit code of its residual against the list centroid (about `dims / 8 + 20` bytes). Full
-//! vectors are **not** stored: a scan estimates distances from the codes, keeps a lower bound for
-//! each candidate and asks the caller for the exact distance (the Postgres side reads the heap row)
-//! until the next result is provably (with RaBitQ's probabilistic bound) the nearest remaining one.
+//! RaBitQ 1-bit code of its rotated residual against the list centroid plus an 8-bit scalar code
+//! of the same residual (`dims / 8 + dims + 28` bytes, 892 for 768 dims). Full vectors are **not**
+//! stored: a scan estimates every distance from the 1-bit code, tightens the bounds of the
+//! promising ones with the 8-bit code (about 50x tighter), keeps a lower bound for each candidate
+//! and asks the caller for the exact distance (the Postgres side reads the heap row) until the
+//! next result is provably (with the codes' probabilistic bounds) the nearest remaining one.
 //!
 //! All algorithms run over the [`page::Relation`] trait, so they can be unit tested over the
 //! in-memory [`page::memory::MemoryRelation`] and run in Postgres over shared buffers.

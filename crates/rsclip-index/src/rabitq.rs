@@ -176,6 +176,59 @@ pub fn encode(v: &[f32]) -> Code {
     }
 }
 
+/// 8-bit scalar quantization of a rotated residual: `v_i ≈ lo + delta * u_i`, rounding to nearest.
+pub fn quantize_u8(v: &[f32]) -> (f32, f32, Vec<u8>) {
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &x in v {
+        lo = lo.min(x);
+        hi = hi.max(x);
+    }
+    if v.is_empty() || hi <= lo {
+        let lo = if v.is_empty() { 0.0 } else { lo };
+        return (lo, 0.0, vec![0; v.len()]);
+    }
+    let delta = (hi - lo) / 255.0;
+    let inv = 1.0 / delta;
+    let u = v
+        .iter()
+        .map(|&x| ((x - lo) * inv).round().clamp(0.0, 255.0) as u8)
+        .collect();
+    (lo, delta, u)
+}
+
+/// Standard deviations of the 8-bit rounding error covered by [`refine_estimate`]'s bound.
+pub const REFINE_SIGMAS: f32 = 5.0;
+
+/// `<r, w>` from the 8-bit code of `r` (see [`quantize_u8`]): `lo * sum(w) + delta * <u, w>`.
+/// The rounding errors are uniform in `±delta / 2` and independent of the query, so their
+/// contribution has standard deviation `delta / sqrt(12) * |w|`; the bound covers
+/// [`REFINE_SIGMAS`] of them plus float rounding.
+pub fn refine_estimate(
+    lo: f32,
+    delta: f32,
+    u: &[u8],
+    w: &[f32],
+    w_sum: f32,
+    w_norm: f32,
+) -> Estimate {
+    let mut acc = [0f32; 8];
+    let mut chunks_u = u.chunks_exact(8);
+    let mut chunks_w = w.chunks_exact(8);
+    for (cu, cw) in (&mut chunks_u).zip(&mut chunks_w) {
+        for j in 0..8 {
+            acc[j] += cu[j] as f32 * cw[j];
+        }
+    }
+    let mut dot: f32 = acc.iter().sum();
+    for (a, b) in chunks_u.remainder().iter().zip(chunks_w.remainder()) {
+        dot += *a as f32 * b;
+    }
+    let value = lo * w_sum + delta * dot;
+    let scale = (lo.abs() + 255.0 * delta) * w_norm * (u.len() as f32).sqrt();
+    let error = REFINE_SIGMAS * delta * 0.288_675_13 * w_norm + 1e-6 * scale;
+    Estimate { value, error }
+}
+
 /// An estimate of `<r, w>` and a bound on its error.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Estimate {
@@ -251,17 +304,8 @@ impl QueryQuant {
 
     /// `<ō, w̄>` for the code bits `code` (`D / 8` bytes, little-endian words).
     pub fn inner(&self, code: &[u8]) -> f32 {
-        let (mut pc, mut s0, mut s1, mut s2, mut s3) = (0u32, 0u32, 0u32, 0u32, 0u32);
-        for (c, p) in code.chunks_exact(8).zip(self.planes.chunks_exact(4)) {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            let x = u64::from_le_bytes(a);
-            pc += x.count_ones();
-            s0 += (x & p[0]).count_ones();
-            s1 += (x & p[1]).count_ones();
-            s2 += (x & p[2]).count_ones();
-            s3 += (x & p[3]).count_ones();
-        }
+        // Hardware popcount when the CPU has it (rsclip-core dispatches at run time).
+        let (pc, [s0, s1, s2, s3]) = rsclip_core::bits::plane_counts(code, &self.planes);
         let sum_bu = (s0 + 2 * s1 + 4 * s2 + 8 * s3) as f32;
         self.inv_sqrt_d
             * ((2.0 * pc as f32 - self.dims) * self.lo + self.delta * (2.0 * sum_bu - self.sum_u))

@@ -28,7 +28,7 @@
 use crate::common::{centroid_distance, check_block, prepare, read_meta, walk_centroids, PageCopy};
 use crate::format::{ListTuple, Meta, PAGE_LIST};
 use crate::page::Relation;
-use crate::rabitq::{QueryQuant, Rotation};
+use crate::rabitq::{refine_estimate, QueryQuant, Rotation};
 use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK};
 use rsclip_core::distance::dot;
 use std::cmp::{Ordering, Reverse};
@@ -48,6 +48,8 @@ pub struct ScanStats {
     pub pages_read: u64,
     /// Tuples whose distance was estimated.
     pub tuples_estimated: u64,
+    /// Tuples whose bounds the 8-bit code tightened.
+    pub tuples_refined: u64,
     /// Callback calls.
     pub reranked: u64,
     /// Callback calls that returned `None`.
@@ -130,7 +132,29 @@ pub struct Scan {
     candidates: BinaryHeap<Reverse<Keyed>>,
     results: BinaryHeap<Reverse<Keyed>>,
     seen: HashSet<Tid>,
+    /// The [`REFINE_TOP`] smallest refined upper bounds seen so far (a max-heap): a tuple whose
+    /// 1-bit lower bound exceeds the largest of them cannot be among the first `REFINE_TOP`
+    /// rows, so its 8-bit refinement is skipped.
+    refined_upper: BinaryHeap<OrdF32>,
     stats: ScanStats,
+}
+
+/// Rows per scan whose bounds the 8-bit refinement tightens (LIMITs up to this many get tight
+/// bounds everywhere; later rows are still exact, just re-ranked from looser bounds).
+pub const REFINE_TOP: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct OrdF32(f32);
+impl Eq for OrdF32 {}
+impl PartialOrd for OrdF32 {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for OrdF32 {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
 }
 
 impl Scan {
@@ -157,6 +181,7 @@ impl Scan {
             candidates: BinaryHeap::new(),
             results: BinaryHeap::new(),
             seen: HashSet::new(),
+            refined_upper: BinaryHeap::with_capacity(REFINE_TOP + 1),
             stats: ScanStats::default(),
         };
         let Some(q) = prepare(&meta, &rot, query)? else {
@@ -290,6 +315,7 @@ impl Scan {
         let w: Vec<f32> = self.query.iter().zip(c).map(|(q, c)| q - c).collect();
         let qq = QueryQuant::new(&w);
         let w_norm = qq.norm();
+        let w_sum: f32 = w.iter().sum();
         let cq = dot(c, &self.query);
         let metric = self.meta.metric;
         self.stats.lists_probed += 1;
@@ -315,8 +341,36 @@ impl Scan {
                 let t = ListTuple::decode(b, d)
                     .map_err(|e| Error::corrupt(blk, format!("item {}: {}", i + 1, e.0)))?;
                 let est = qq.estimate(t.code, t.norm, t.dot_oo);
-                let (_, lower) =
+                let (_, mut lower) =
                     estimate_distance(metric, est.value, est.error, t.norm, t.rc, w_norm, cq);
+                let threshold = if self.refined_upper.len() >= REFINE_TOP {
+                    self.refined_upper.peek().map_or(f32::INFINITY, |u| u.0)
+                } else {
+                    f32::INFINITY
+                };
+                if !t.refine.is_empty() && lower <= threshold {
+                    // Second stage: the 8-bit code bounds the distance ~50x tighter than the
+                    // 1-bit one, so only near-ties are left for the exact re-rank.
+                    let fine =
+                        refine_estimate(t.refine_lo, t.refine_delta, t.refine, &w, w_sum, w_norm);
+                    let (_, fine_lower) =
+                        estimate_distance(metric, fine.value, fine.error, t.norm, t.rc, w_norm, cq);
+                    let (_, upper) = estimate_distance(
+                        metric,
+                        fine.value,
+                        -fine.error,
+                        t.norm,
+                        t.rc,
+                        w_norm,
+                        cq,
+                    );
+                    lower = lower.max(fine_lower);
+                    self.stats.tuples_refined += 1;
+                    self.refined_upper.push(OrdF32(upper));
+                    if self.refined_upper.len() > REFINE_TOP {
+                        self.refined_upper.pop();
+                    }
+                }
                 self.candidates.push(Reverse(Keyed {
                     key: lower,
                     tid: t.tid,

@@ -178,7 +178,8 @@ fn bytes_per_vector_768() {
         "768-d: {} list pages for {n} vectors: {list_bytes:.1} bytes/vector in list pages, {total_bytes:.1} bytes/vector in total ({} centroid pages)",
         report.list_pages, report.centroid_pages
     );
-    assert!(list_bytes < 130.0);
+    // 116 bytes of 1-bit code and factors + 776 of 8-bit refinement code, 9 tuples per page.
+    assert!(list_bytes < 960.0);
 }
 
 fn rel_bytes(rel: &MemoryRelation) -> f64 {
