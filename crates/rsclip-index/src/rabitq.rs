@@ -211,18 +211,7 @@ pub fn refine_estimate(
     w_sum: f32,
     w_norm: f32,
 ) -> Estimate {
-    let mut acc = [0f32; 8];
-    let mut chunks_u = u.chunks_exact(8);
-    let mut chunks_w = w.chunks_exact(8);
-    for (cu, cw) in (&mut chunks_u).zip(&mut chunks_w) {
-        for j in 0..8 {
-            acc[j] += cu[j] as f32 * cw[j];
-        }
-    }
-    let mut dot: f32 = acc.iter().sum();
-    for (a, b) in chunks_u.remainder().iter().zip(chunks_w.remainder()) {
-        dot += *a as f32 * b;
-    }
+    let dot = rsclip_core::bits::dot_u8_f32(u, w);
     let value = lo * w_sum + delta * dot;
     let scale = (lo.abs() + 255.0 * delta) * w_norm * (u.len() as f32).sqrt();
     let error = REFINE_SIGMAS * delta * 0.288_675_13 * w_norm + 1e-6 * scale;
