@@ -95,28 +95,36 @@ impl Drop for ReadGuard {
     }
 }
 
-impl PageRead for ReadGuard {
-    fn opaque(&self) -> Opaque {
-        // SAFETY: the page is pinned and locked while the guard lives.
-        let s = unsafe { special(self.page) };
-        Opaque {
-            next: s.next,
-            flags: s.flags,
+/// Both guards expose a locked page (shared, or GenericXLog's working copy); reading it is the
+/// same for both.
+macro_rules! impl_page_read {
+    ($guard:ty) => {
+        impl PageRead for $guard {
+            fn opaque(&self) -> Opaque {
+                // SAFETY: the page is pinned and locked while the guard lives.
+                let s = unsafe { special(self.page) };
+                Opaque {
+                    next: s.next,
+                    flags: s.flags,
+                }
+            }
+            fn max_offset(&self) -> u16 {
+                // SAFETY: as above.
+                unsafe { pgrx::pg_sys::PageGetMaxOffsetNumber(self.page) }
+            }
+            fn item(&self, off: u16) -> Option<&[u8]> {
+                // SAFETY: as above; the slice borrows `self`.
+                unsafe { item(self.page, off).map(|s| &*s) }
+            }
+            fn free_space(&self) -> usize {
+                // SAFETY: as above.
+                unsafe { pg_sys::PageGetFreeSpace(self.page) }
+            }
         }
-    }
-    fn max_offset(&self) -> u16 {
-        // SAFETY: as above.
-        unsafe { pgrx::pg_sys::PageGetMaxOffsetNumber(self.page) }
-    }
-    fn item(&self, off: u16) -> Option<&[u8]> {
-        // SAFETY: as above; the slice borrows `self`.
-        unsafe { item(self.page, off).map(|s| &*s) }
-    }
-    fn free_space(&self) -> usize {
-        // SAFETY: as above.
-        unsafe { pg_sys::PageGetFreeSpace(self.page) }
-    }
+    };
 }
+
+impl_page_read!(ReadGuard);
 
 /// An exclusively locked buffer with its GenericXLog record in progress.
 pub struct WriteGuard {
@@ -142,28 +150,7 @@ impl Drop for WriteGuard {
     }
 }
 
-impl PageRead for WriteGuard {
-    fn opaque(&self) -> Opaque {
-        // SAFETY: the working copy is valid while the guard lives.
-        let s = unsafe { special(self.page) };
-        Opaque {
-            next: s.next,
-            flags: s.flags,
-        }
-    }
-    fn max_offset(&self) -> u16 {
-        // SAFETY: as above.
-        unsafe { pgrx::pg_sys::PageGetMaxOffsetNumber(self.page) }
-    }
-    fn item(&self, off: u16) -> Option<&[u8]> {
-        // SAFETY: as above.
-        unsafe { item(self.page, off).map(|s| &*s) }
-    }
-    fn free_space(&self) -> usize {
-        // SAFETY: as above.
-        unsafe { pg_sys::PageGetFreeSpace(self.page) }
-    }
-}
+impl_page_read!(WriteGuard);
 
 impl PageWrite for WriteGuard {
     fn set_opaque(&mut self, o: Opaque) {
