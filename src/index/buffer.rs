@@ -52,14 +52,13 @@ unsafe fn special(page: pg_sys::Page) -> Special {
     }
 }
 
-/// Item `off` of `page`, if it is a used line pointer inside the page.
+/// Start and length of item `off` of `page`, if it is a used line pointer inside the page.
 ///
 /// # Safety
-/// As for [`special`]; the returned slice borrows the page for `'a`, which the caller bounds by
-/// the guard's lifetime.
-unsafe fn item<'a>(page: pg_sys::Page, off: u16) -> Option<&'a mut [u8]> {
+/// As for [`special`].
+unsafe fn item_range(page: pg_sys::Page, off: u16) -> Option<(usize, usize)> {
     // SAFETY: (caller) a valid locked page. Line pointers are checked against the page bounds
-    // before the item is sliced, so a corrupt pointer yields None rather than a wild slice.
+    // before anything is sliced, so a corrupt pointer yields None rather than a wild slice.
     unsafe {
         let max = pgrx::pg_sys::PageGetMaxOffsetNumber(page);
         if off == 0 || off > max {
@@ -70,15 +69,38 @@ unsafe fn item<'a>(page: pg_sys::Page, off: u16) -> Option<&'a mut [u8]> {
             return None;
         }
         let (start, len) = ((*id).lp_off() as usize, (*id).lp_len() as usize);
-        if start + len > pg_sys::BLCKSZ as usize
-            || start < std::mem::size_of::<pg_sys::PageHeaderData>()
+        let special = (*(page as *const pg_sys::PageHeaderData)).pd_special as usize;
+        if start < std::mem::size_of::<pg_sys::PageHeaderData>()
+            || start + len > special.min(pg_sys::BLCKSZ as usize)
         {
             return None;
         }
-        Some(std::slice::from_raw_parts_mut(
-            (page as *mut u8).add(start),
-            len,
-        ))
+        Some((start, len))
+    }
+}
+
+/// Item `off` of `page`, read-only.
+///
+/// # Safety
+/// As for [`special`]; the slice borrows the page for `'a`, which the caller bounds by the
+/// guard's lifetime.
+unsafe fn item<'a>(page: pg_sys::Page, off: u16) -> Option<&'a [u8]> {
+    // SAFETY: item_range checked the bounds.
+    unsafe {
+        item_range(page, off)
+            .map(|(start, len)| std::slice::from_raw_parts((page as *const u8).add(start), len))
+    }
+}
+
+/// Item `off` of a page we may modify (GenericXLog's working copy).
+///
+/// # Safety
+/// As for [`item`], and the page must be exclusively ours.
+unsafe fn item_mut<'a>(page: pg_sys::Page, off: u16) -> Option<&'a mut [u8]> {
+    // SAFETY: item_range checked the bounds; the caller owns the page.
+    unsafe {
+        item_range(page, off)
+            .map(|(start, len)| std::slice::from_raw_parts_mut((page as *mut u8).add(start), len))
     }
 }
 
@@ -88,8 +110,24 @@ pub struct ReadGuard {
     page: pg_sys::Page,
 }
 
+/// When a Postgres ERROR unwinds through a guard, `errfinish` has already reset the interrupt
+/// holdoff count that releasing an LWLock decrements; hold interrupts again first, as
+/// `LWLockReleaseAll` does (an assert-enabled server aborts otherwise). Postgres' error cleanup
+/// resets the count afterwards.
+fn hold_interrupts_if_unwinding() {
+    if std::thread::panicking() {
+        // SAFETY: a plain process-global counter, only touched by this backend's thread.
+        unsafe {
+            if pg_sys::InterruptHoldoffCount == 0 {
+                pg_sys::InterruptHoldoffCount = 1;
+            }
+        }
+    }
+}
+
 impl Drop for ReadGuard {
     fn drop(&mut self) {
+        hold_interrupts_if_unwinding();
         // SAFETY: we hold a pin and a share lock on this buffer, taken in `read`.
         unsafe { pg_sys::UnlockReleaseBuffer(self.buffer) }
     }
@@ -114,7 +152,7 @@ macro_rules! impl_page_read {
             }
             fn item(&self, off: u16) -> Option<&[u8]> {
                 // SAFETY: as above; the slice borrows `self`.
-                unsafe { item(self.page, off).map(|s| &*s) }
+                unsafe { item(self.page, off) }
             }
             fn free_space(&self) -> usize {
                 // SAFETY: as above.
@@ -145,6 +183,7 @@ impl Drop for WriteGuard {
             } else {
                 pg_sys::GenericXLogAbort(self.state);
             }
+            hold_interrupts_if_unwinding();
             pg_sys::UnlockReleaseBuffer(self.buffer);
         }
     }
@@ -194,7 +233,7 @@ impl PageWrite for WriteGuard {
     fn item_mut(&mut self, off: u16) -> Option<&mut [u8]> {
         self.changed = true;
         // SAFETY: the working copy is ours; the slice borrows `self` mutably.
-        unsafe { item(self.page, off) }
+        unsafe { item_mut(self.page, off) }
     }
     fn delete_items(&mut self, offs: &[u16]) {
         if offs.is_empty() {

@@ -123,7 +123,6 @@ struct LoadState<'a, 'r> {
     index: pg_sys::Relation,
     dims: u32,
     builder: &'a mut IndexBuilder<'r, IndexRelation>,
-    heap_tuples: f64,
     done: i64,
 }
 
@@ -139,7 +138,6 @@ unsafe extern "C-unwind" fn load_callback(
     // SAFETY: `state` is the LoadState passed to table_index_build_scan.
     unsafe {
         let s = &mut *(state as *mut LoadState);
-        s.heap_tuples += 1.0;
         if *isnull {
             return;
         }
@@ -280,11 +278,11 @@ unsafe fn build(
             index,
             dims,
             builder: &mut builder,
-            heap_tuples: 0.0,
             done: 0,
         };
-        // SAFETY: as for pass 1.
-        unsafe {
+        // SAFETY: as for pass 1. The return value counts live heap tuples (the callback also
+        // sees recently dead ones), which is what pg_class.reltuples should get.
+        heap_tuples = unsafe {
             pg_sys::table_index_build_scan(
                 heap,
                 index,
@@ -294,9 +292,8 @@ unsafe fn build(
                 Some(load_callback),
                 &mut state as *mut LoadState as *mut std::ffi::c_void,
                 std::ptr::null_mut(),
-            );
-        }
-        heap_tuples = state.heap_tuples;
+            )
+        };
     }
     let stats = builder.finish().unwrap_or_else(|e| raise(index, e));
     if stats.flushes > 0 {

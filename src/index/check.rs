@@ -59,15 +59,40 @@ pg_function! {
         // SAFETY: opening by OID with AccessShareLock raises an ERROR for a missing relation;
         // the checks below reject anything that is not an rsclip index before reading pages.
         let report = unsafe {
+            // Table first, then index: the order DROP TABLE and ALTER TABLE lock in, so the
+            // check never deadlocks with them (as amcheck does).
+            let heap_oid = pg_sys::IndexGetRelation(oid, true);
+            if heap_oid == pg_sys::InvalidOid {
+                let name = pg_sys::get_rel_name(oid);
+                let name = if name.is_null() {
+                    format!("relation {}", u32::from(oid))
+                } else {
+                    std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+                };
+                error(
+                    PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+                    format!("\"{name}\" is not an index"),
+                );
+            }
+            let heap = pg_sys::table_open(heap_oid, pg_sys::AccessShareLock as i32);
             let index = pg_sys::index_open(oid, pg_sys::AccessShareLock as i32);
-            if (*(*index).rd_rel).relam != pg_sys::get_am_oid(c"rsclip".as_ptr(), true) {
+            if (*(*index).rd_rel).relkind as u8 != pg_sys::RELKIND_INDEX
+                || (*(*index).rd_rel).relam != pg_sys::get_am_oid(c"rsclip".as_ptr(), true)
+            {
                 error(
                     PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
                     format!("\"{}\" is not an rsclip index", super::relation_name(index)),
                 );
             }
-            let heap_oid = (*(*index).rd_index).indrelid;
-            let heap = pg_sys::table_open(heap_oid, pg_sys::AccessShareLock as i32);
+            if !(*(*index).rd_index).indisvalid || !(*(*index).rd_index).indisready {
+                error(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!(
+                        "rsclip index \"{}\" is not valid (an interrupted CREATE INDEX CONCURRENTLY?): REINDEX it",
+                        super::relation_name(index)
+                    ),
+                );
+            }
             // The snapshot is taken before the index is read: a row it sees committed had its
             // index entry written before that, so a missing entry is a real defect.
             let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
@@ -90,6 +115,8 @@ pg_function! {
                 missing: Vec::new(),
             };
             let info = pg_sys::BuildIndexInfo(index);
+            // An MVCC scan is passed in: tell the build scan so (it asserts the combination).
+            (*info).ii_Concurrent = true;
             let scan = pg_sys::table_beginscan_strat(heap, snapshot, 0, std::ptr::null_mut(), true, false);
             pg_sys::table_index_build_scan(
                 heap,

@@ -1,12 +1,10 @@
 //! The planner's estimate: cheap for `ORDER BY <op> LIMIT k` (only the probed lists are read,
-//! plus a few re-ranked rows), prohibitive without an ORDER BY (the index cannot answer that).
+//! plus a few re-ranked rows), unusable without exactly one ORDER BY distance key.
 
 use super::buffer::IndexRelation;
 use crate::settings;
 use pgrx::pg_sys;
 
-/// What "do not use this path" costs (the planner's historical disable_cost).
-const DISABLE_COST: f64 = 1.0e10;
 /// Rows the scan typically re-ranks for one LIMIT query beyond the rows it returns.
 const RERANKED_ROWS: f64 = 100.0;
 
@@ -27,10 +25,19 @@ pub unsafe extern "C-unwind" fn amcostestimate(
         *selectivity = 1.0;
         *correlation = 0.0;
         let info = (*path).indexinfo;
-        if (*path).indexorderbys.is_null() {
-            *startup = DISABLE_COST;
-            *total = DISABLE_COST;
+        // The index answers exactly one `ORDER BY col <op> query`; anything else (no ORDER BY,
+        // e.g. a partial index whose predicate matches the WHERE clause, or a second distance
+        // key) must never be chosen, even when other paths are disabled.
+        let orderbys = (*path).indexorderbys;
+        if orderbys.is_null() || (*orderbys).length != 1 {
+            *startup = f64::INFINITY;
+            *total = f64::INFINITY;
             *pages = 1.0;
+            #[cfg(feature = "pg18")]
+            {
+                // PostgreSQL 18 compares disabled nodes before costs.
+                (*path).path.disabled_nodes = 2;
+            }
             return;
         }
         let index_pages = ((*info).pages as f64).max(1.0);

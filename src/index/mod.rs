@@ -117,9 +117,8 @@ pub fn indexed_dims(index: pg_sys::Relation) -> u32 {
     typmod as u32
 }
 
-/// The index AM's routine table.
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn amhandler_routine() -> *mut pg_sys::IndexAmRoutine {
+/// The index AM's routine table (called inside `rsclip_amhandler`'s guard).
+unsafe fn amhandler_routine() -> *mut pg_sys::IndexAmRoutine {
     // SAFETY: makeNode-equivalent: palloc0 of the node in the current context, tag set.
     let routine = unsafe {
         let r = pg_sys::palloc0(std::mem::size_of::<pg_sys::IndexAmRoutine>())

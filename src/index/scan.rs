@@ -130,6 +130,21 @@ pub unsafe extern "C-unwind" fn amgettuple(
         };
         let rel = IndexRelation::new(index, pg_sys::ForkNumber::MAIN_FORKNUM);
         if state.scan.is_none() {
+            // Candidate TIDs outlive the index page pins, which is only safe for MVCC snapshots
+            // (a TID vacuum recycled meanwhile cannot be visible to one).
+            let snapshot = (*scan).xs_snapshot;
+            if snapshot.is_null()
+                || !matches!(
+                    (*snapshot).snapshot_type,
+                    pg_sys::SnapshotType::SNAPSHOT_MVCC
+                        | pg_sys::SnapshotType::SNAPSHOT_HISTORIC_MVCC
+                )
+            {
+                error(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    "rsclip index scans require an MVCC snapshot",
+                );
+            }
             state.scan = Some(start(index, &rel, query));
         }
         if state.fetch.is_null() {
