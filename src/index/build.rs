@@ -8,8 +8,7 @@
 //! tuple counts are reported in `pg_stat_progress_create_index`.
 
 use super::buffer::IndexRelation;
-use super::{index_metric, indexed_dims, options, raise};
-use crate::datum;
+use super::{index_metric, indexed_dims, options, raise, scan_heap, RowSink};
 use crate::fmgr::error;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use rsclip_index::rng::Rng;
@@ -41,27 +40,6 @@ fn progress(param: u32, value: i64) {
     unsafe { pg_sys::pgstat_progress_update_param(param as i32, value) }
 }
 
-pub fn tid_of(ptr: pg_sys::ItemPointer) -> Tid {
-    // SAFETY: a valid ItemPointer from Postgres.
-    unsafe {
-        let p = &*ptr;
-        Tid {
-            block: ((p.ip_blkid.bi_hi as u32) << 16) | p.ip_blkid.bi_lo as u32,
-            offset: p.ip_posid,
-        }
-    }
-}
-
-pub fn item_pointer(tid: Tid) -> pg_sys::ItemPointerData {
-    pg_sys::ItemPointerData {
-        ip_blkid: pg_sys::BlockIdData {
-            bi_hi: (tid.block >> 16) as u16,
-            bi_lo: (tid.block & 0xffff) as u16,
-        },
-        ip_posid: tid.offset,
-    }
-}
-
 /// Checks a row's vector against the index's dimensions.
 fn check_dims(index: pg_sys::Relation, dims: u32, v: &[f32]) {
     if v.len() != dims as usize {
@@ -85,36 +63,19 @@ struct SampleState {
     rng: Rng,
 }
 
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn sample_callback(
-    _index: pg_sys::Relation,
-    _tid: pg_sys::ItemPointer,
-    values: *mut pg_sys::Datum,
-    isnull: *mut bool,
-    _alive: bool,
-    state: *mut std::ffi::c_void,
-) {
-    // SAFETY: `state` is the SampleState passed to table_index_build_scan; values/isnull hold
-    // the one index column.
-    unsafe {
-        let s = &mut *(state as *mut SampleState);
-        if *isnull {
-            return;
-        }
-        s.seen += 1;
-        let d = s.dims as usize;
-        datum::with(*values, |v| {
-            check_dims(s.index, s.dims, v);
-            let rows = s.sample.len() / d;
-            if rows < s.capacity {
-                s.sample.extend_from_slice(v);
-            } else {
-                let j = s.rng.below(s.seen) as usize;
-                if j < s.capacity {
-                    s.sample[j * d..(j + 1) * d].copy_from_slice(v);
-                }
+impl RowSink for SampleState {
+    fn row(&mut self, _tid: Tid, v: &[f32]) {
+        check_dims(self.index, self.dims, v);
+        self.seen += 1;
+        let d = self.dims as usize;
+        if self.sample.len() / d < self.capacity {
+            self.sample.extend_from_slice(v);
+        } else {
+            let j = self.rng.below(self.seen) as usize;
+            if j < self.capacity {
+                self.sample[j * d..(j + 1) * d].copy_from_slice(v);
             }
-        });
+        }
         pgrx::check_for_interrupts!();
     }
 }
@@ -126,31 +87,15 @@ struct LoadState<'a, 'r> {
     done: i64,
 }
 
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn load_callback(
-    _index: pg_sys::Relation,
-    tid: pg_sys::ItemPointer,
-    values: *mut pg_sys::Datum,
-    isnull: *mut bool,
-    _alive: bool,
-    state: *mut std::ffi::c_void,
-) {
-    // SAFETY: `state` is the LoadState passed to table_index_build_scan.
-    unsafe {
-        let s = &mut *(state as *mut LoadState);
-        if *isnull {
-            return;
+impl RowSink for LoadState<'_, '_> {
+    fn row(&mut self, tid: Tid, v: &[f32]) {
+        check_dims(self.index, self.dims, v);
+        if let Err(e) = self.builder.add(tid, v) {
+            raise(self.index, e);
         }
-        let tid = tid_of(tid);
-        datum::with(*values, |v| {
-            check_dims(s.index, s.dims, v);
-            if let Err(e) = s.builder.add(tid, v) {
-                raise(s.index, e);
-            }
-        });
-        s.done += 1;
-        if s.done % 1024 == 0 {
-            progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, s.done);
+        self.done += 1;
+        if self.done % 1024 == 0 {
+            progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, self.done);
             pgrx::check_for_interrupts!();
         }
     }
@@ -220,19 +165,8 @@ unsafe fn build(
             seen: 0,
             rng: Rng::new(KMEANS_SEED),
         };
-        // SAFETY: the callback gets `state` back; allow_sync/progress as CREATE INDEX does.
-        unsafe {
-            pg_sys::table_index_build_scan(
-                heap,
-                index,
-                info,
-                true,
-                true,
-                Some(sample_callback),
-                &mut state as *mut SampleState as *mut std::ffi::c_void,
-                std::ptr::null_mut(),
-            );
-        }
+        // SAFETY: Postgres passed open, locked relations and the IndexInfo.
+        unsafe { scan_heap(heap, index, info, std::ptr::null_mut(), &mut state) };
         (state.sample, state.seen)
     };
 
@@ -282,18 +216,7 @@ unsafe fn build(
         };
         // SAFETY: as for pass 1. The return value counts live heap tuples (the callback also
         // sees recently dead ones), which is what pg_class.reltuples should get.
-        heap_tuples = unsafe {
-            pg_sys::table_index_build_scan(
-                heap,
-                index,
-                info,
-                true,
-                true,
-                Some(load_callback),
-                &mut state as *mut LoadState as *mut std::ffi::c_void,
-                std::ptr::null_mut(),
-            )
-        };
+        heap_tuples = unsafe { scan_heap(heap, index, info, std::ptr::null_mut(), &mut state) };
     }
     let stats = builder.finish().unwrap_or_else(|e| raise(index, e));
     if stats.flushes > 0 {

@@ -3,9 +3,7 @@
 //! a non-NULL value is reachable from it, in the spirit of amcheck's `heapallindexed`.
 
 use super::buffer::IndexRelation;
-use super::build::tid_of;
-use super::index_metric;
-use crate::datum;
+use super::{index_metric, RowSink};
 use crate::fmgr::{arg, error, error_detail, pg_function};
 use pgrx::{pg_sys, PgSqlErrorCode};
 use rsclip_index::{Metric, Tid};
@@ -17,31 +15,17 @@ struct HeapState {
     missing: Vec<Tid>,
 }
 
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn heap_callback(
-    _index: pg_sys::Relation,
-    tid: pg_sys::ItemPointer,
-    values: *mut pg_sys::Datum,
-    isnull: *mut bool,
-    _alive: bool,
-    state: *mut std::ffi::c_void,
-) {
-    // SAFETY: `state` is our HeapState; values/isnull hold the one index column.
-    unsafe {
-        let s = &mut *(state as *mut HeapState);
-        if *isnull {
-            return;
-        }
+impl RowSink for HeapState {
+    fn row(&mut self, tid: Tid, v: &[f32]) {
         // Zero vectors have no cosine direction and are deliberately not indexed.
-        if s.metric == Metric::Cosine && datum::with(*values, |v| v.iter().all(|x| *x == 0.0)) {
+        if self.metric == Metric::Cosine && v.iter().all(|x| *x == 0.0) {
             return;
         }
-        s.checked += 1;
-        let tid = tid_of(tid);
-        if s.indexed.binary_search(&tid).is_err() {
-            s.missing.push(tid);
+        self.checked += 1;
+        if self.indexed.binary_search(&tid).is_err() {
+            self.missing.push(tid);
         }
-        if s.checked.is_multiple_of(4096) {
+        if self.checked.is_multiple_of(4096) {
             pgrx::check_for_interrupts!();
         }
     }
@@ -118,16 +102,7 @@ pg_function! {
             // An MVCC scan is passed in: tell the build scan so (it asserts the combination).
             (*info).ii_Concurrent = true;
             let scan = pg_sys::table_beginscan_strat(heap, snapshot, 0, std::ptr::null_mut(), true, false);
-            pg_sys::table_index_build_scan(
-                heap,
-                index,
-                info,
-                true,
-                false,
-                Some(heap_callback),
-                &mut state as *mut HeapState as *mut std::ffi::c_void,
-                scan,
-            );
+            super::scan_heap(heap, index, info, scan, &mut state);
             pg_sys::UnregisterSnapshot(snapshot);
             if !state.missing.is_empty() {
                 let examples: Vec<String> = state.missing.iter().take(5).map(show).collect();

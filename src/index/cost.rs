@@ -2,7 +2,6 @@
 //! plus a few re-ranked rows), unusable without exactly one ORDER BY distance key.
 
 use super::buffer::IndexRelation;
-use crate::settings;
 use pgrx::pg_sys;
 
 /// Rows the scan typically re-ranks for one LIMIT query beyond the rows it returns.
@@ -50,11 +49,7 @@ pub unsafe extern "C-unwind" fn amcostestimate(
             .unwrap_or(1)
             .max(1);
         pg_sys::index_close(index, pg_sys::NoLock as i32);
-        let probes = match settings::PROBES.get() {
-            0 => rsclip_index::default_probes(lists),
-            p => p as u32,
-        }
-        .min(lists);
+        let probes = super::effective_probes(lists).min(lists);
         let fraction = probes as f64 / lists as f64;
         let cpu_operator = pg_sys::cpu_operator_cost;
         let cpu_index_tuple = pg_sys::cpu_index_tuple_cost;

@@ -2,7 +2,7 @@
 //! room, or extends it; see `rsclip_index::insert` for the lock and WAL order).
 
 use super::buffer::IndexRelation;
-use super::build::tid_of;
+use super::tid_of;
 use super::{indexed_dims, raise};
 use crate::datum;
 use pgrx::pg_sys;

@@ -19,7 +19,7 @@ mod vacuum;
 
 use crate::fmgr::{error, pg_function};
 use pgrx::{pg_sys, PgSqlErrorCode};
-use rsclip_index::Metric;
+use rsclip_index::{Metric, Tid};
 
 /// Maps an error of the index algorithms to a Postgres ERROR.
 pub fn raise(index: pg_sys::Relation, e: rsclip_index::Error) -> ! {
@@ -75,6 +75,86 @@ pub fn exact_distance(metric: Metric, a: &[f32], b: &[f32]) -> f64 {
         Metric::InnerProduct => -(distance::dot(a, b) as f64),
         Metric::Cosine => distance::cosine_distance(a, b),
         Metric::L2 => (distance::l2_squared(a, b) as f64).sqrt(),
+    }
+}
+
+/// Receives the non-NULL rows of a heap scan made for the index ([`scan_heap`]).
+pub trait RowSink {
+    fn row(&mut self, tid: Tid, vector: &[f32]);
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn row_callback<S: RowSink>(
+    _index: pg_sys::Relation,
+    tid: pg_sys::ItemPointer,
+    values: *mut pg_sys::Datum,
+    isnull: *mut bool,
+    _alive: bool,
+    state: *mut std::ffi::c_void,
+) {
+    // SAFETY: `state` is the sink scan_heap passed in; values/isnull hold the one index column.
+    unsafe {
+        if *isnull {
+            return;
+        }
+        let sink = &mut *(state as *mut S);
+        crate::datum::with(*values, |v| sink.row(tid_of(tid), v));
+    }
+}
+
+/// Runs `table_index_build_scan` (with its block progress reporting), handing every non-NULL
+/// indexed value to `sink`; `scan` null = the build's own scan. Returns the live heap tuples.
+///
+/// # Safety
+/// Open, locked relations and the index's IndexInfo, as `table_index_build_scan` requires.
+pub unsafe fn scan_heap<S: RowSink>(
+    heap: pg_sys::Relation,
+    index: pg_sys::Relation,
+    info: *mut pg_sys::IndexInfo,
+    scan: pg_sys::TableScanDesc,
+    sink: &mut S,
+) -> f64 {
+    // SAFETY: (caller); the callback gets `sink` back with its own type.
+    unsafe {
+        pg_sys::table_index_build_scan(
+            heap,
+            index,
+            info,
+            true,
+            scan.is_null(),
+            Some(row_callback::<S>),
+            sink as *mut S as *mut std::ffi::c_void,
+            scan,
+        )
+    }
+}
+
+pub fn tid_of(ptr: pg_sys::ItemPointer) -> Tid {
+    // SAFETY: a valid ItemPointer from Postgres.
+    unsafe {
+        let p = &*ptr;
+        Tid {
+            block: ((p.ip_blkid.bi_hi as u32) << 16) | p.ip_blkid.bi_lo as u32,
+            offset: p.ip_posid,
+        }
+    }
+}
+
+pub fn item_pointer(tid: Tid) -> pg_sys::ItemPointerData {
+    pg_sys::ItemPointerData {
+        ip_blkid: pg_sys::BlockIdData {
+            bi_hi: (tid.block >> 16) as u16,
+            bi_lo: (tid.block & 0xffff) as u16,
+        },
+        ip_posid: tid.offset,
+    }
+}
+
+/// Lists a scan probes first: `rsclip.probes`, or `ceil(sqrt(lists))` when it is 0.
+pub fn effective_probes(lists: u32) -> u32 {
+    match crate::settings::PROBES.get() {
+        0 => rsclip_index::default_probes(lists),
+        p => p as u32,
     }
 }
 

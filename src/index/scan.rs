@@ -10,7 +10,7 @@
 //! relaxed iterative scans).
 
 use super::buffer::IndexRelation;
-use super::build::item_pointer;
+use super::item_pointer;
 use super::{exact_distance, index_metric, indexed_column, raise};
 use crate::datum;
 use crate::fmgr::error;
@@ -98,10 +98,7 @@ fn start(index: pg_sys::Relation, rel: &IndexRelation, query: &[f32]) -> Scan {
             ),
         );
     }
-    let probes = match settings::PROBES.get() {
-        0 => rsclip_index::default_probes(meta.nlists),
-        p => p as u32,
-    };
+    let probes = super::effective_probes(meta.nlists);
     let max_probes = settings::MAX_PROBES.get().max(0) as u32;
     Scan::new(rel, query, probes, max_probes).unwrap_or_else(|e| raise(index, e))
 }

@@ -2,7 +2,7 @@
 //! one WAL record per page, so inserts reuse the space); cleanup reports the index's size.
 
 use super::buffer::IndexRelation;
-use super::build::item_pointer;
+use super::item_pointer;
 use super::raise;
 use pgrx::pg_sys;
 use rsclip_index::page::Relation;
