@@ -155,11 +155,24 @@ pub fn decode_rgb8(bytes: &[u8], opts: &DecodeOptions) -> Result<Image8, DecodeE
             detail: "truncated: no end-of-image marker".into(),
         });
     }
-    match format {
+    // Third-party decoders occasionally panic on malformed input (png 0.18.1 indexes past a
+    // PLTE chunk whose length is not a multiple of 3); that is bad input, not a crash.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match format {
         Format::Tiff => crate::tiff_rs::decode(bytes, opts),
         Format::Jpeg => decode_jpeg(bytes, opts),
         _ => decode_with_image_crate(bytes, format, opts),
-    }
+    }))
+    .unwrap_or_else(|payload| {
+        let detail = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "undecodable data".into());
+        Err(DecodeError::Corrupt {
+            format: format.name(),
+            detail: format!("decoder failed: {detail}"),
+        })
+    })
 }
 
 /// Image dimensions read straight from the header, so a bomb is refused before any decoder

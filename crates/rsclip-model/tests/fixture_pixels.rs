@@ -169,3 +169,17 @@ fn damaged_inputs_give_errors_not_panics() {
         let _ = decode_rgb8(&bad, &DecodeOptions::default());
     }
 }
+
+/// Found by the image_decoder fuzzer: a PNG whose PLTE chunk is 49 bytes (not a multiple of 3)
+/// makes png 0.18.1 index out of bounds. It must be a decode error, not a panic.
+#[test]
+fn decoder_panics_become_errors() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/damaged/plte_49_bytes.png");
+    let bytes = std::fs::read(path).unwrap();
+    let err = decode_rgb8(&bytes, &DecodeOptions::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("corrupt or truncated PNG image"),
+        "{err}"
+    );
+}
