@@ -58,6 +58,7 @@ demo: server
 # Exact top-10 search: rsclip vs pgvector in the same PG18 server. ROWS=1000000 for the big run.
 ROWS ?= 100000
 BENCH_SHARED_BUFFERS ?= 4GB
+BENCH_MWM ?= 2GB
 bench: install
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
 	@$(PY) bench/exact_search.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS)
@@ -67,7 +68,7 @@ bench: install
 bench-index: install
 	@$(ENV) "$$RSCLIP_VENV/bin/python" -c "import matplotlib" 2>/dev/null || "$$RSCLIP_VENV/bin/pip" install -q matplotlib==3.10.8
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
-	@$(PY) bench/index.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS)
+	@$(PY) bench/index.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS) --maintenance-work-mem $(BENCH_MWM)
 
 # Encoding throughput: rsclip vs a Python pipeline vs bare ONNX Runtime, on the fixture and on
 # the git-rsclip-base architecture with random weights (exported on first use, not committed).

@@ -568,6 +568,55 @@ mod tests {
     }
 
     #[pg_test]
+    fn index_null_query_and_scan_statistics() {
+        clustered_table("nq", 16, 600);
+        Spi::run("INSERT INTO nq VALUES (9001, NULL)").unwrap();
+        Spi::run("CREATE INDEX nq_ix ON nq USING rsclip (emb embedding_ip_ops) WITH (lists = 6)")
+            .unwrap();
+        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+        // A query that is NULL at run time (a literal NULL is folded away by the planner): every
+        // distance is NULL, so every indexed row comes back (a sequential scan's sort would
+        // return them too), with a NULL distance.
+        let q = "SELECT id, emb <#> (SELECT emb FROM nq WHERE id = 9001) AS d FROM nq \
+                 ORDER BY emb <#> (SELECT emb FROM nq WHERE id = 9001) LIMIT 1000";
+        assert!(plan(q).contains("Index Scan using nq_ix"), "{}", plan(q));
+        let counts =
+            Spi::get_two::<i64, i64>(&format!("SELECT count(DISTINCT id), count(d) FROM ({q}) s"))
+                .unwrap();
+        assert_eq!(counts, (Some(600), Some(0)));
+        // Every scan is counted for pg_stat_*_indexes.idx_scan (once per rescan).
+        let scans = || {
+            Spi::get_one::<i64>("SELECT pg_stat_get_xact_numscans('nq_ix'::regclass)")
+                .unwrap()
+                .unwrap()
+        };
+        let before = scans();
+        for id in [3, 4, 5] {
+            let near = ids(&format!(
+                "SELECT id FROM nq ORDER BY emb <#> (SELECT emb FROM nq WHERE id = {id}) LIMIT 1"
+            ));
+            assert_eq!(near, vec![id]);
+        }
+        assert_eq!(scans() - before, 3);
+        // PostgreSQL 18's EXPLAIN ANALYZE shows the searches of the scan.
+        #[cfg(feature = "pg18")]
+        {
+            Spi::run(
+                "CREATE FUNCTION pg_temp.analyzed(q text) RETURNS text LANGUAGE plpgsql AS $$
+                 DECLARE r record; result text := '';
+                 BEGIN FOR r IN EXECUTE 'EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) ' || q LOOP
+                     result := result || r.\"QUERY PLAN\" || E'\\n'; END LOOP; RETURN result; END $$",
+            )
+            .unwrap();
+            let analyzed = text(
+                "SELECT pg_temp.analyzed('SELECT id FROM nq ORDER BY emb <#> \
+                 (SELECT emb FROM nq WHERE id = 3) LIMIT 1')",
+            );
+            assert!(analyzed.contains("Index Searches: 1"), "{analyzed}");
+        }
+    }
+
+    #[pg_test]
     fn index_definition_errors() {
         Spi::run("CREATE TABLE d (id int, emb embedding, e2 embedding(3))").unwrap();
         assert_error(

@@ -125,6 +125,18 @@ fn hold_interrupts_if_unwinding() {
     }
 }
 
+impl ReadGuard {
+    /// The page's LSN: it changes whenever the page is rewritten through WAL.
+    pub fn lsn(&self) -> u64 {
+        // SAFETY: the page is pinned and share-locked for the guard's lifetime; pd_lsn is only
+        // written under an exclusive lock.
+        unsafe {
+            let header = self.page as *const pg_sys::PageHeaderData;
+            ((*header).pd_lsn.xlogid as u64) << 32 | (*header).pd_lsn.xrecoff as u64
+        }
+    }
+}
+
 impl Drop for ReadGuard {
     fn drop(&mut self) {
         hold_interrupts_if_unwinding();
@@ -258,6 +270,8 @@ impl PageWrite for WriteGuard {
 pub struct IndexRelation {
     rel: pg_sys::Relation,
     fork: pg_sys::ForkNumber::Type,
+    /// A buffer access strategy (VACUUM's ring) for reading existing pages, or null.
+    strategy: pg_sys::BufferAccessStrategy,
 }
 
 impl IndexRelation {
@@ -265,7 +279,28 @@ impl IndexRelation {
     /// `rel` must be an open index relation, locked appropriately by the caller, for as long as
     /// this value and its guards live.
     pub unsafe fn new(rel: pg_sys::Relation, fork: pg_sys::ForkNumber::Type) -> Self {
-        IndexRelation { rel, fork }
+        IndexRelation {
+            rel,
+            fork,
+            strategy: std::ptr::null_mut(),
+        }
+    }
+
+    /// Reads existing pages through `strategy` (e.g. VACUUM's ring buffer, so a vacuum of a big
+    /// index does not evict everything else from shared buffers).
+    ///
+    /// # Safety
+    /// As for [`IndexRelation::new`]; `strategy` is null or lives as long as this value.
+    pub unsafe fn with_strategy(
+        rel: pg_sys::Relation,
+        fork: pg_sys::ForkNumber::Type,
+        strategy: pg_sys::BufferAccessStrategy,
+    ) -> Self {
+        IndexRelation {
+            rel,
+            fork,
+            strategy,
+        }
     }
 
     fn buffer(&self, blk: BlockNumber) -> pg_sys::Buffer {
@@ -276,7 +311,7 @@ impl IndexRelation {
                 self.fork,
                 blk,
                 pg_sys::ReadBufferMode::RBM_NORMAL,
-                std::ptr::null_mut(),
+                self.strategy,
             )
         }
     }

@@ -1,9 +1,11 @@
 //! CREATE INDEX / REINDEX (and the init fork of unlogged indexes).
 //!
 //! Two passes over the table: (1) a reservoir sample, bounded by `maintenance_work_mem`, on
-//! which k-means trains the list centroids (on `max_parallel_maintenance_workers + 1` threads that
-//! never call Postgres); (2) every row is assigned to its nearest centroid and encoded, buffered
-//! per list within `maintenance_work_mem` and written list by list. Every page goes through
+//! which k-means trains the list centroids; (2) every row is assigned to its nearest centroid and
+//! encoded, buffered per list within `maintenance_work_mem` and written list by list. The
+//! CPU-bound work of both passes (k-means iterations; assigning and encoding batches of rows)
+//! runs on `max_parallel_maintenance_workers + 1` threads that never call Postgres; the heap scan
+//! and every page write stay in the backend's own thread. Every page goes through
 //! GenericXLog, so the new index is WAL-logged and replicated like any other write. Phases and
 //! tuple counts are reported in `pg_stat_progress_create_index`.
 
@@ -80,23 +82,43 @@ impl RowSink for SampleState {
     }
 }
 
+/// Rows per batch handed to the builder's threads: large enough to amortize spawning them,
+/// small enough (a few MB at 768 dimensions) to keep progress reports and interrupts prompt.
+const LOAD_BATCH_ROWS: usize = 2048;
+
 struct LoadState<'a, 'r> {
     index: pg_sys::Relation,
     dims: u32,
     builder: &'a mut IndexBuilder<'r, IndexRelation>,
+    threads: usize,
+    tids: Vec<Tid>,
+    vectors: Vec<f32>,
     done: i64,
+}
+
+impl LoadState<'_, '_> {
+    fn flush(&mut self) {
+        if let Err(e) = self
+            .builder
+            .add_batch(&self.tids, &self.vectors, self.threads)
+        {
+            raise(self.index, e);
+        }
+        self.done += self.tids.len() as i64;
+        self.tids.clear();
+        self.vectors.clear();
+        progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, self.done);
+        pgrx::check_for_interrupts!();
+    }
 }
 
 impl RowSink for LoadState<'_, '_> {
     fn row(&mut self, tid: Tid, v: &[f32]) {
         check_dims(self.index, self.dims, v);
-        if let Err(e) = self.builder.add(tid, v) {
-            raise(self.index, e);
-        }
-        self.done += 1;
-        if self.done % 1024 == 0 {
-            progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, self.done);
-            pgrx::check_for_interrupts!();
+        self.tids.push(tid);
+        self.vectors.extend_from_slice(v);
+        if self.tids.len() == LOAD_BATCH_ROWS {
+            self.flush();
         }
     }
 }
@@ -212,11 +234,17 @@ unsafe fn build(
             index,
             dims,
             builder: &mut builder,
+            threads: build_threads(),
+            tids: Vec::with_capacity(LOAD_BATCH_ROWS),
+            vectors: Vec::with_capacity(LOAD_BATCH_ROWS * dims as usize),
             done: 0,
         };
         // SAFETY: as for pass 1. The return value counts live heap tuples (the callback also
         // sees recently dead ones), which is what pg_class.reltuples should get.
         heap_tuples = unsafe { scan_heap(heap, index, info, std::ptr::null_mut(), &mut state) };
+        if !state.tids.is_empty() {
+            state.flush();
+        }
     }
     let stats = builder.finish().unwrap_or_else(|e| raise(index, e));
     if stats.flushes > 0 {

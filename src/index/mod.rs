@@ -10,6 +10,7 @@
 
 pub mod buffer;
 mod build;
+mod centroids;
 mod check;
 mod cost;
 mod insert;

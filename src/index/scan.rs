@@ -22,9 +22,15 @@ struct ScanState {
     metric: Metric,
     heap_attnum: i16,
     has_order: bool,
-    /// None: a NULL query (no row has a distance to it).
+    /// None: a NULL query. Every distance to it is NULL, so every indexed row is returned, in
+    /// no particular order, with a NULL distance (as a sequential scan's sort would).
     query: Option<Vec<f32>>,
     scan: Option<Scan>,
+    /// Counted in pg_stat_*_indexes once per rescan, on the first tuple asked for.
+    counted: bool,
+    /// The scan's own memory context (the one ambeginscan ran in): the heap-fetch state and
+    /// slot are created in it whatever context amgettuple is called in.
+    context: pg_sys::MemoryContext,
     fetch: *mut pg_sys::IndexFetchTableData,
     slot: *mut pg_sys::TupleTableSlot,
 }
@@ -44,6 +50,9 @@ pub unsafe extern "C-unwind" fn ambeginscan(
         has_order: false,
         query: None,
         scan: None,
+        counted: false,
+        // SAFETY: reading the backend's current-context global.
+        context: unsafe { pg_sys::CurrentMemoryContext },
         fetch: std::ptr::null_mut(),
         slot: std::ptr::null_mut(),
     };
@@ -74,6 +83,7 @@ pub unsafe extern "C-unwind" fn amrescan(
     unsafe {
         let state = &mut *((*scan).opaque as *mut ScanState);
         state.scan = None;
+        state.counted = false;
         state.has_order = norderbys > 0 && !orderbys.is_null();
         state.query = None;
         if state.has_order {
@@ -85,8 +95,17 @@ pub unsafe extern "C-unwind" fn amrescan(
     }
 }
 
-fn start(index: pg_sys::Relation, rel: &IndexRelation, query: &[f32]) -> Scan {
-    let meta = rsclip_index::read_meta(rel).unwrap_or_else(|e| raise(index, e));
+/// Starts the crate's scan. A NULL query walks every list (any query vector does: all rows are
+/// wanted and their order does not matter).
+fn start(index: pg_sys::Relation, rel: &IndexRelation, query: Option<&[f32]>) -> Scan {
+    let centroids = super::centroids::get(index, rel);
+    let meta = *centroids.meta();
+    let Some(query) = query else {
+        let mut axis = vec![0f32; meta.dims as usize];
+        axis[0] = 1.0;
+        return Scan::with_centroids(centroids, &axis, meta.nlists, meta.nlists)
+            .unwrap_or_else(|e| raise(index, e));
+    };
     if query.len() != meta.dims as usize {
         error(
             PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
@@ -100,7 +119,38 @@ fn start(index: pg_sys::Relation, rel: &IndexRelation, query: &[f32]) -> Scan {
     }
     let probes = super::effective_probes(meta.nlists);
     let max_probes = settings::MAX_PROBES.get().max(0) as u32;
-    Scan::new(rel, query, probes, max_probes).unwrap_or_else(|e| raise(index, e))
+    Scan::with_centroids(centroids, query, probes, max_probes).unwrap_or_else(|e| raise(index, e))
+}
+
+/// What `pgstat_count_index_scan` (a macro) does: one more scan of this index in
+/// pg_stat_*_indexes.idx_scan. On PG18 also one more "Index Searches" in EXPLAIN ANALYZE.
+///
+/// # Safety
+/// `scan` is a live index scan descriptor.
+unsafe fn count_index_scan(scan: pg_sys::IndexScanDesc) {
+    // SAFETY: (caller) the descriptor and its index relation are live; pgstat_assoc_relation
+    // is what pgstat_should_count_relation calls when the relation is not yet associated.
+    unsafe {
+        let index = (*scan).indexRelation;
+        if (*index).pgstat_info.is_null() && (*index).pgstat_enabled {
+            pg_sys::pgstat_assoc_relation(index);
+        }
+        let info = (*index).pgstat_info;
+        if !info.is_null() {
+            #[cfg(feature = "pg15")]
+            {
+                (*info).t_counts.t_numscans += 1;
+            }
+            #[cfg(not(feature = "pg15"))]
+            {
+                (*info).counts.numscans += 1;
+            }
+        }
+        #[cfg(feature = "pg18")]
+        if !(*scan).instrument.is_null() {
+            (*(*scan).instrument).nsearches += 1;
+        }
+    }
 }
 
 #[pgrx::pg_guard]
@@ -122,9 +172,11 @@ pub unsafe extern "C-unwind" fn amgettuple(
                 ),
             );
         }
-        let Some(query) = state.query.as_deref() else {
-            return false;
-        };
+        if !state.counted {
+            count_index_scan(scan);
+            state.counted = true;
+        }
+        let query = state.query.as_deref();
         let rel = IndexRelation::new(index, pg_sys::ForkNumber::MAIN_FORKNUM);
         if state.scan.is_none() {
             // Candidate TIDs outlive the index page pins, which is only safe for MVCC snapshots
@@ -144,10 +196,32 @@ pub unsafe extern "C-unwind" fn amgettuple(
             }
             state.scan = Some(start(index, &rel, query));
         }
+        let Some(query) = query else {
+            // NULL query: no distances to compute, no heap rows to read.
+            let next = state
+                .scan
+                .as_mut()
+                .expect("started above")
+                .next(&rel, &mut |_| Some(0.0));
+            return match next {
+                Ok(Some((tid, _))) => {
+                    (*scan).xs_heaptid = item_pointer(tid);
+                    (*scan).xs_recheck = false;
+                    (*scan).xs_recheckorderby = false;
+                    *(*scan).xs_orderbyvals = pg_sys::Datum::from(0usize);
+                    *(*scan).xs_orderbynulls = true;
+                    true
+                }
+                Ok(None) => false,
+                Err(e) => raise(index, e),
+            };
+        };
         if state.fetch.is_null() {
             let heap = (*scan).heapRelation;
+            let old = pg_sys::MemoryContextSwitchTo(state.context);
             state.fetch = pg_sys::table_index_fetch_begin(heap);
             state.slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
+            pg_sys::MemoryContextSwitchTo(old);
         }
         let (metric, attnum, fetch, slot) =
             (state.metric, state.heap_attnum, state.fetch, state.slot);

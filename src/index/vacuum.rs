@@ -44,7 +44,8 @@ pub unsafe extern "C-unwind" fn ambulkdelete(
     // SAFETY: VACUUM passes an open index and a callback that answers "is this TID dead?".
     unsafe {
         let index = (*info).index;
-        let rel = IndexRelation::new(index, pg_sys::ForkNumber::MAIN_FORKNUM);
+        let rel =
+            IndexRelation::with_strategy(index, pg_sys::ForkNumber::MAIN_FORKNUM, (*info).strategy);
         let callback = callback.expect("VACUUM passes a callback");
         let mut calls = 0u64;
         let mut is_dead = |tid: rsclip_index::Tid| {
@@ -80,7 +81,8 @@ pub unsafe extern "C-unwind" fn amvacuumcleanup(
         // No bulk delete ran (nothing to remove): count the entries without writing anything.
         let stats = result_or_new(stats);
         let index = (*info).index;
-        let rel = IndexRelation::new(index, pg_sys::ForkNumber::MAIN_FORKNUM);
+        let rel =
+            IndexRelation::with_strategy(index, pg_sys::ForkNumber::MAIN_FORKNUM, (*info).strategy);
         let result =
             rsclip_index::bulk_delete(&rel, &mut |_| false).unwrap_or_else(|e| raise(index, e));
         (*stats).num_index_tuples = result.tuples_remaining as f64;

@@ -144,6 +144,39 @@ fn append_tuples<R: Relation>(
     }
 }
 
+/// One thread's share of a batch: each row's list (`None`: skipped zero vector) and the
+/// concatenated list tuples of the rows that have one.
+type EncodedChunk = (Vec<Option<u32>>, Vec<u8>);
+
+/// Prepares `vector` (normalize, rotate), finds its nearest centroid and appends its list
+/// tuple to `out`; `None` for a zero vector under cosine (not indexed).
+fn assign_and_encode(
+    meta: &Meta,
+    rot: &Rotation,
+    cents: &[f32],
+    tid: Tid,
+    vector: &[f32],
+    out: &mut Vec<u8>,
+) -> Result<Option<usize>> {
+    let Some(v) = prepare(meta, rot, vector)? else {
+        return Ok(None);
+    };
+    let d = meta.padded_dims as usize;
+    let mut best = (f32::INFINITY, 0usize);
+    for (i, c) in cents.chunks_exact(d).enumerate() {
+        let dist = match meta.metric {
+            Metric::L2 => l2_squared(c, &v),
+            _ => -dot(c, &v),
+        };
+        if dist < best.0 {
+            best = (dist, i);
+        }
+    }
+    let list = best.1;
+    encode_tuple(out, tid, &v, &cents[list * d..(list + 1) * d]);
+    Ok(Some(list))
+}
+
 impl<'r, R: Relation> IndexBuilder<'r, R> {
     /// Start a build into the empty relation `rel` with `centroids` (row-major
     /// `lists × dims`, original space, e.g. from [`crate::train_centroids`]; empty = one zero
@@ -299,31 +332,90 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
 
     /// Index one heap row.
     pub fn add(&mut self, tid: Tid, vector: &[f32]) -> Result<AddOutcome> {
-        let Some(v) = prepare(&self.meta, &self.rot, vector)? else {
-            self.stats.skipped_zero += 1;
-            return Ok(AddOutcome::SkippedZeroVector);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let list = assign_and_encode(
+            &self.meta,
+            &self.rot,
+            &self.cents,
+            tid,
+            vector,
+            &mut scratch,
+        );
+        let outcome = match list {
+            Ok(Some(list)) => self.append_encoded(list, &scratch),
+            Ok(None) => {
+                self.stats.skipped_zero += 1;
+                Ok(AddOutcome::SkippedZeroVector)
+            }
+            Err(e) => Err(e),
         };
-        let d = self.meta.padded_dims as usize;
-        let mut best = (f32::INFINITY, 0usize);
-        for (i, c) in self.cents.chunks_exact(d).enumerate() {
-            let dist = match self.meta.metric {
-                Metric::L2 => l2_squared(c, &v),
-                _ => -dot(c, &v),
-            };
-            if dist < best.0 {
-                best = (dist, i);
+        self.scratch = scratch;
+        outcome
+    }
+
+    /// Index many heap rows: `vectors` holds `tids.len()` rows of `dims` floats. Assigning and
+    /// encoding (the CPU-bound part: one distance per list per row) runs on up to `threads`
+    /// threads; the tuples are then buffered and written by the calling thread in input order,
+    /// so the index is the same as after `add` row by row. The threads never touch the relation.
+    pub fn add_batch(&mut self, tids: &[Tid], vectors: &[f32], threads: usize) -> Result<()> {
+        let dims = self.meta.dims as usize;
+        if vectors.len() != tids.len() * dims {
+            return Err(Error::InvalidArgument(format!(
+                "{} floats are not {} rows of {dims} dimensions",
+                vectors.len(),
+                tids.len()
+            )));
+        }
+        let threads = threads.clamp(1, tids.len().max(1));
+        let per_thread = tids.len().div_ceil(threads);
+        let (meta, rot, cents) = (&self.meta, &self.rot, &self.cents[..]);
+        let encode_chunk = |tids: &[Tid], vectors: &[f32]| -> Result<EncodedChunk> {
+            let mut lists = Vec::with_capacity(tids.len());
+            let mut bytes = Vec::new();
+            for (&tid, v) in tids.iter().zip(vectors.chunks_exact(dims)) {
+                let list = assign_and_encode(meta, rot, cents, tid, v, &mut bytes)?;
+                lists.push(list.map(|l| l as u32));
+            }
+            Ok((lists, bytes))
+        };
+        let chunks: Vec<Result<EncodedChunk>> = if threads == 1 {
+            vec![encode_chunk(tids, vectors)]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = tids
+                    .chunks(per_thread)
+                    .zip(vectors.chunks(per_thread * dims))
+                    .map(|(t, v)| s.spawn(move || encode_chunk(t, v)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            })
+        };
+        let tsize = list_tuple_size(self.meta.padded_dims as usize);
+        for chunk in chunks {
+            let (lists, bytes) = chunk?;
+            let mut tuples = bytes.chunks_exact(tsize);
+            for list in lists {
+                match list {
+                    Some(list) => {
+                        let tuple = tuples.next().ok_or_else(|| {
+                            Error::InvalidArgument("encoded batch is short".into())
+                        })?;
+                        self.append_encoded(list as usize, tuple)?;
+                    }
+                    None => self.stats.skipped_zero += 1,
+                }
             }
         }
-        let list = best.1;
-        self.scratch.clear();
-        encode_tuple(
-            &mut self.scratch,
-            tid,
-            &v,
-            &self.cents[list * d..(list + 1) * d],
-        );
-        self.buffers[list].extend_from_slice(&self.scratch);
-        self.buffered += self.scratch.len();
+        Ok(())
+    }
+
+    fn append_encoded(&mut self, list: usize, tuple: &[u8]) -> Result<AddOutcome> {
+        self.buffers[list].extend_from_slice(tuple);
+        self.buffered += tuple.len();
         self.stats.tuples += 1;
         if self.buffered > self.limit {
             self.flush()?;

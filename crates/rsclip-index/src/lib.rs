@@ -104,7 +104,7 @@ pub use check::{check, CheckReport};
 pub use common::read_meta;
 pub use insert::{insert, InsertOutcome};
 pub use kmeans::train_centroids;
-pub use scan::{default_probes, Scan, ScanStats};
+pub use scan::{default_probes, Centroids, Scan, ScanStats};
 pub use vacuum::{bulk_delete, DeleteStats};
 
 /// A block (page) number inside the index relation.

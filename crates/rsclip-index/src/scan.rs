@@ -1,7 +1,8 @@
 //! Nearest-neighbour scan with exact re-ranking through a callback.
 //!
-//! [`Scan::new`] reads the meta page and the centroid chain, ranks all lists by the distance of
-//! their centroid to the (rotated) query and keeps the centroids of the first `probes` lists.
+//! [`Scan::new`] reads the meta page and the centroid chain ([`Centroids`], which a caller may
+//! also read once and reuse with [`Scan::with_centroids`]) and ranks the lists by the distance of
+//! their centroid to the (rotated) query.
 //! [`Scan::next`] probes those lists on first use: for every tuple it estimates the distance
 //! from the RaBitQ code and pushes a lower bound into a min-heap of candidates. It then pops
 //! candidates in lower-bound order and asks the callback for their exact distance (re-ranking),
@@ -32,7 +33,8 @@ use crate::rabitq::{refine_estimate, QueryQuant, Rotation};
 use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK};
 use rsclip_core::distance::dot;
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashSet};
+use std::sync::Arc;
 
 /// Default number of lists to probe: `ceil(sqrt(lists))`, at least 1.
 pub fn default_probes(lists: u32) -> u32 {
@@ -95,25 +97,59 @@ impl Ord for Keyed {
     }
 }
 
-/// Candidate of the top-`probes` centroid selection (max-heap by list order).
-struct TopCentroid {
-    r: ListRef,
-    c: Vec<f32>,
+/// The list centroids of an index, read once. They never change after the build (inserts and
+/// VACUUM only touch list pages), so a caller may keep them across scans of the same index build
+/// and start scans with [`Scan::with_centroids`] without reading the centroid chain again.
+#[derive(Debug)]
+pub struct Centroids {
+    meta: Meta,
+    rot: Rotation,
+    /// Rotated (and for ip/cosine normalized) centroids, `nlists × padded_dims`.
+    data: Vec<f32>,
+    /// Head page of each list.
+    heads: Vec<BlockNumber>,
 }
-impl PartialEq for TopCentroid {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
+
+impl Centroids {
+    /// Reads the meta page and the whole centroid chain, checking its structure.
+    pub fn read<R: Relation>(rel: &R) -> Result<Centroids> {
+        let meta = read_meta(rel)?;
+        let d = meta.padded_dims as usize;
+        let nlists = meta.nlists as usize;
+        let mut data = Vec::with_capacity(nlists * d);
+        let mut heads = Vec::with_capacity(nlists);
+        walk_centroids(
+            rel,
+            &meta,
+            |_| {},
+            |_, head, c| {
+                data.extend_from_slice(c);
+                heads.push(head);
+                Ok(())
+            },
+        )?;
+        let rot = Rotation::new(d, meta.seed, meta.rounds);
+        Ok(Centroids {
+            meta,
+            rot,
+            data,
+            heads,
+        })
     }
-}
-impl Eq for TopCentroid {}
-impl PartialOrd for TopCentroid {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
+
+    /// The meta page these centroids belong to.
+    pub fn meta(&self) -> &Meta {
+        &self.meta
     }
-}
-impl Ord for TopCentroid {
-    fn cmp(&self, other: &Self) -> Ordering {
-        list_order(&self.r, &other.r)
+
+    /// Heap bytes held (for callers that bound a cache).
+    pub fn memory_bytes(&self) -> usize {
+        self.data.len() * 4 + self.heads.len() * 4 + std::mem::size_of::<Self>()
+    }
+
+    fn centroid(&self, list: u32) -> &[f32] {
+        let d = self.meta.padded_dims as usize;
+        &self.data[list as usize * d..(list as usize + 1) * d]
     }
 }
 
@@ -127,8 +163,7 @@ pub struct Scan {
     next_list: usize,
     probes: usize,
     limit: usize,
-    /// Centroids of the lists of the next batch, by list number.
-    batch_centroids: HashMap<u32, Vec<f32>>,
+    centroids: Arc<Centroids>,
     candidates: BinaryHeap<Reverse<Keyed>>,
     results: BinaryHeap<Reverse<Keyed>>,
     seen: HashSet<Tid>,
@@ -161,8 +196,17 @@ impl Scan {
     /// Start a scan for `query`, probing `probes` lists at a time (0 is taken as 1) and at most
     /// `max_probes` lists in all (0 = all lists). A zero query under cosine returns no rows.
     pub fn new<R: Relation>(rel: &R, query: &[f32], probes: u32, max_probes: u32) -> Result<Scan> {
-        let meta = read_meta(rel)?;
-        let rot = Rotation::new(meta.padded_dims as usize, meta.seed, meta.rounds);
+        Scan::with_centroids(Arc::new(Centroids::read(rel)?), query, probes, max_probes)
+    }
+
+    /// [`Scan::new`] with centroids read earlier from the same index build.
+    pub fn with_centroids(
+        centroids: Arc<Centroids>,
+        query: &[f32],
+        probes: u32,
+        max_probes: u32,
+    ) -> Result<Scan> {
+        let meta = centroids.meta;
         let nlists = meta.nlists as usize;
         let probes = (probes.max(1) as usize).min(nlists);
         let limit = if max_probes == 0 {
@@ -177,44 +221,36 @@ impl Scan {
             next_list: 0,
             probes,
             limit,
-            batch_centroids: HashMap::new(),
+            centroids: Arc::clone(&centroids),
             candidates: BinaryHeap::new(),
             results: BinaryHeap::new(),
             seen: HashSet::new(),
             refined_upper: BinaryHeap::with_capacity(REFINE_TOP + 1),
             stats: ScanStats::default(),
         };
-        let Some(q) = prepare(&meta, &rot, query)? else {
+        let Some(q) = prepare(&meta, &centroids.rot, query)? else {
             scan.limit = 0;
             return Ok(scan);
         };
-        let mut top: BinaryHeap<TopCentroid> = BinaryHeap::with_capacity(probes + 1);
-        walk_centroids(
-            rel,
-            &meta,
-            |_| {},
-            |list, head, c| {
-                let r = ListRef {
+        let d = meta.padded_dims as usize;
+        scan.order.extend(
+            centroids
+                .data
+                .chunks_exact(d)
+                .zip(&centroids.heads)
+                .enumerate()
+                .map(|(list, (c, &head))| ListRef {
                     dist: centroid_distance(meta.metric, c, &q),
-                    list,
+                    list: list as u32,
                     head,
-                };
-                scan.order.push(r);
-                let enters = top.len() < probes
-                    || top
-                        .peek()
-                        .is_some_and(|t| list_order(&r, &t.r) == Ordering::Less);
-                if enters {
-                    top.push(TopCentroid { r, c: c.to_vec() });
-                    if top.len() > probes {
-                        top.pop();
-                    }
-                }
-                Ok(())
-            },
-        )?;
-        scan.order.sort_by(list_order);
-        scan.batch_centroids = top.into_iter().map(|t| (t.r.list, t.c)).collect();
+                }),
+        );
+        // Only the first `limit` lists can ever be probed: order just those.
+        if limit < nlists {
+            scan.order.select_nth_unstable_by(limit, list_order);
+            scan.order.truncate(limit);
+        }
+        scan.order.sort_unstable_by(list_order);
         scan.query = q;
         Ok(scan)
     }
@@ -272,33 +308,9 @@ impl Scan {
         let end = (self.next_list + self.probes).min(self.limit);
         let batch: Vec<ListRef> = self.order[self.next_list..end].to_vec();
         self.next_list = end;
-        let missing = batch
-            .iter()
-            .any(|r| !self.batch_centroids.contains_key(&r.list));
-        if missing {
-            let wanted: HashSet<u32> = batch.iter().map(|r| r.list).collect();
-            let mut found = HashMap::new();
-            walk_centroids(
-                rel,
-                &self.meta,
-                |_| {},
-                |list, _, c| {
-                    if wanted.contains(&list) {
-                        found.insert(list, c.to_vec());
-                    }
-                    Ok(())
-                },
-            )?;
-            self.batch_centroids = found;
-        }
+        let centroids = Arc::clone(&self.centroids);
         for r in &batch {
-            let c = self.batch_centroids.remove(&r.list).ok_or_else(|| {
-                Error::corrupt(
-                    self.meta.first_centroid_block,
-                    "centroid of a probed list vanished",
-                )
-            })?;
-            self.probe_list(rel, r, &c)?;
+            self.probe_list(rel, r, centroids.centroid(r.list))?;
         }
         Ok(true)
     }

@@ -5,8 +5,8 @@ use rsclip_index::page::memory::MemoryRelation;
 use rsclip_index::page::Relation;
 use rsclip_index::rng::Rng;
 use rsclip_index::{
-    bulk_delete, check, default_probes, insert, AddOutcome, BuildParams, Error, IndexBuilder,
-    Metric, Scan, Tid,
+    bulk_delete, check, default_probes, insert, train_centroids, AddOutcome, BuildParams,
+    Centroids, Error, IndexBuilder, Metric, Scan, Tid,
 };
 use std::collections::HashSet;
 
@@ -455,4 +455,98 @@ fn page_access_counts() {
     let io = rel.io_stats();
     assert_eq!((io.writes, io.extends), (0, 0));
     assert!(io.reads <= 1 + report.centroid_pages as u64 + report.longest_chain as u64);
+}
+
+#[test]
+fn batch_build_on_threads_writes_the_same_pages_as_row_by_row() {
+    let dims = 100;
+    let n = 2_500;
+    for metric in [Metric::Cosine, Metric::InnerProduct, Metric::L2] {
+        let mut data = mixture(120, n, dims, 12, 0.5, 0.0, metric != Metric::L2);
+        // a zero row: skipped under cosine, indexed otherwise
+        data[7 * dims..8 * dims].fill(0.0);
+        let cents = train_centroids(metric, &data[..1_000 * dims], dims, 12, 4, 2).unwrap();
+        let params = BuildParams {
+            dims: dims as u32,
+            metric,
+            seed: 5,
+            memory_limit_bytes: 64 << 10,
+        };
+        let by_row = MemoryRelation::new();
+        let mut b = IndexBuilder::new(&by_row, &params, &cents).unwrap();
+        for (i, row) in data.chunks_exact(dims).enumerate() {
+            b.add(tid_of(i), row).unwrap();
+        }
+        let s1 = b.finish().unwrap();
+        for threads in [1, 3, 8] {
+            let batched = MemoryRelation::new();
+            let mut b = IndexBuilder::new(&batched, &params, &cents).unwrap();
+            let tids: Vec<Tid> = (0..n).map(tid_of).collect();
+            // uneven batches, the last one shorter than the thread count
+            for (t, v) in tids.chunks(997).zip(data.chunks(997 * dims)) {
+                b.add_batch(t, v, threads).unwrap();
+            }
+            let s2 = b.finish().unwrap();
+            assert_eq!(s1, s2, "{metric:?} threads={threads}");
+            assert_eq!(s1.skipped_zero, u64::from(metric == Metric::Cosine));
+            assert_eq!(by_row.nblocks(), batched.nblocks());
+            for blk in 0..by_row.nblocks() {
+                assert!(
+                    by_row.page_image(blk) == batched.page_image(blk),
+                    "{metric:?} threads={threads}: block {blk} differs"
+                );
+            }
+        }
+    }
+    // bad input in a batch is reported, not a panic
+    let rel = MemoryRelation::new();
+    let params = BuildParams {
+        dims: 4,
+        metric: Metric::L2,
+        seed: 1,
+        memory_limit_bytes: usize::MAX,
+    };
+    let mut b = IndexBuilder::new(&rel, &params, &[]).unwrap();
+    let tids = [tid_of(0), tid_of(1)];
+    assert!(matches!(
+        b.add_batch(&tids, &[0.0; 7], 2),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(
+        b.add_batch(&tids, &[0.0, 1.0, 2.0, 3.0, f32::NAN, 0.0, 0.0, 0.0], 2),
+        Err(Error::NonFiniteValue)
+    );
+}
+
+#[test]
+fn scans_from_shared_centroids_equal_fresh_scans() {
+    let dims = 64;
+    let metric = Metric::InnerProduct;
+    let data = mixture(130, 3_000, dims, 16, 0.5, 0.0, true);
+    let rel = MemoryRelation::new();
+    build(&rel, metric, dims, &data, 16, usize::MAX);
+    let shared = std::sync::Arc::new(Centroids::read(&rel).unwrap());
+    assert_eq!(shared.meta().nlists, 16);
+    assert!(shared.memory_bytes() >= 16 * 64 * 4);
+    let queries = mixture(131, 10, dims, 16, 0.5, 0.0, true);
+    for (probes, max_probes) in [(1, 1), (2, 5), (4, 0)] {
+        for q in queries.chunks_exact(dims) {
+            let exact = |t: Tid| {
+                let i = idx_of(t);
+                Some(metric.distance(&data[i * dims..(i + 1) * dims], q))
+            };
+            let mut a = Scan::new(&rel, q, probes, max_probes).unwrap();
+            let mut b = Scan::with_centroids(shared.clone(), q, probes, max_probes).unwrap();
+            let (mut ra, mut rb) = (Vec::new(), Vec::new());
+            while let Some(r) = a.next(&rel, &mut exact.clone()).unwrap() {
+                ra.push(r);
+            }
+            while let Some(r) = b.next(&rel, &mut exact.clone()).unwrap() {
+                rb.push(r);
+            }
+            assert!(!ra.is_empty());
+            assert_eq!(ra, rb, "probes {probes} max {max_probes}");
+            assert_eq!(a.stats(), b.stats());
+        }
+    }
 }
