@@ -7,7 +7,7 @@ PY := $(ENV) "$$RSCLIP_VENV/bin/python"
 ITEST_PORT := $(shell echo $$((55400 + $(PG))))
 FUZZ_SECONDS ?= 30
 
-.PHONY: setup build install lint unit pgtest itest test server stop demo bench bench-index bench-encode export-env fuzz fixture clean
+.PHONY: setup build install lint unit pgtest itest test server stop demo bench bench-index bench-cache bench-encode export-env fuzz fixture clean
 
 setup:
 	@bash tools/setup.sh
@@ -69,6 +69,11 @@ bench-index: install
 	@$(ENV) "$$RSCLIP_VENV/bin/python" -c "import matplotlib" 2>/dev/null || "$$RSCLIP_VENV/bin/pip" install -q matplotlib==3.10.8
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
 	@$(PY) bench/index.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS) --maintenance-work-mem $(BENCH_MWM)
+
+# Text-query latency through the result cache: uncached, LRU hit, table hit (p50/p99).
+bench-cache: install
+	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
+	@$(PY) bench/cache.py --uri postgresql://postgres@127.0.0.1:55518/postgres
 
 # Encoding throughput: rsclip vs a Python pipeline vs bare ONNX Runtime, on the fixture and on
 # the git-rsclip-base architecture with random weights (exported on first use, not committed).

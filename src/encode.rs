@@ -1,10 +1,11 @@
 //! SQL entry points of the encoders: images and texts to unit-length embeddings.
 
+use crate::cache::{self, Key, Kind};
 use crate::datum;
-use crate::fmgr::{arg, error, float8_datum, pg_function};
+use crate::fmgr::{arg, bytea_bytes, error, float8_datum, pg_function};
 use crate::model::{self, Loaded};
 use crate::settings;
-use pgrx::{pg_sys, varlena, PgSqlErrorCode};
+use pgrx::{pg_sys, PgSqlErrorCode};
 use rsclip_model::decode::{decode_rgb8, DecodeError, DecodeOptions};
 use rsclip_model::runtime::with_signals_blocked;
 
@@ -38,31 +39,15 @@ fn raise_decode(e: &DecodeError, which: Option<usize>) -> ! {
         }
     };
     match which {
-        Some(i) => error(code, format!("rsclip: image {} of the array: {e}", i + 1)),
+        Some(i) => error(code, format!("rsclip: array element {}: {e}", i + 1)),
         None => error(code, format!("rsclip: {e}")),
     }
 }
 
-/// The bytes of a bytea/text datum (detoasted into the current memory context if needed).
-///
-/// # Safety
-/// `d` must be a valid varlena datum; the slice lives as long as the current memory context.
-unsafe fn varlena_bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
-    // SAFETY: guaranteed by the caller; pg_detoast_datum_packed keeps short headers in place.
-    unsafe {
-        let p = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
-        std::slice::from_raw_parts(
-            varlena::vardata_any(p) as *const u8,
-            varlena::varsize_any_exhdr(p),
-        )
-    }
-}
-
-fn normalized_datum(v: &[f32]) -> pg_sys::Datum {
-    let (d, out) = datum::alloc(v.len());
-    out.copy_from_slice(v);
-    rsclip_core::normalize_in_place(out);
-    d
+/// An `embedding` datum of an already normalized vector (normalized once, when encoded, so a
+/// cached result is bit-identical to a fresh one).
+fn embedding_datum(v: &[f32]) -> pg_sys::Datum {
+    datum::from_slice(v)
 }
 
 /// Decodes and preprocesses `images` into one tensor, on up to `threads` worker threads that
@@ -71,8 +56,7 @@ fn pixel_batch(
     loaded: &Loaded,
     images: &[&[u8]],
     threads: usize,
-    first_index: usize,
-    single: bool,
+    labels: Option<&[usize]>,
 ) -> Vec<f32> {
     let pre = &loaded.preprocessing;
     let opts = DecodeOptions {
@@ -116,30 +100,108 @@ fn pixel_batch(
     };
     for (i, r) in results.iter().enumerate() {
         if let Err(e) = r {
-            raise_decode(e, (!single).then_some(first_index + i));
+            raise_decode(e, labels.map(|l| l[i]));
         }
     }
     out
 }
 
-fn encode_images(images: &[&[u8]], single: bool) -> Vec<Vec<f32>> {
+/// Normalized embeddings of `images`, one inference run per rsclip.batch_size. `labels` are the
+/// images' positions in the caller's array (for error messages), None for a single image.
+fn encode_images(images: &[&[u8]], labels: Option<&[usize]>) -> Vec<Vec<f32>> {
     let batch = settings::BATCH_SIZE.get().max(1) as usize;
     let threads = settings::INTRA_OP_THREADS.get().max(1) as usize;
     let mut result = Vec::with_capacity(images.len());
     for (c, chunk) in images.chunks(batch).enumerate() {
         pgrx::check_for_interrupts!();
+        let chunk_labels = labels.map(|l| &l[c * batch..c * batch + chunk.len()]);
         model::with_model(|loaded, counts| {
-            let pixels = pixel_batch(loaded, chunk, threads, c * batch, single);
+            let pixels = pixel_batch(loaded, chunk, threads, chunk_labels);
             let s = loaded.preprocessing.image_size;
             let dim = loaded.model.manifest.embedding_dim;
             let out = loaded
                 .vision(counts)
                 .run_f32(&[chunk.len(), 3, s, s], pixels)
                 .unwrap_or_else(|e| model::raise_runtime(e));
-            result.extend(out.chunks_exact(dim).map(|r| r.to_vec()));
+            result.extend(out.chunks_exact(dim).map(normalized));
         });
     }
     result
+}
+
+fn normalized(v: &[f32]) -> Vec<f32> {
+    let mut v = v.to_vec();
+    rsclip_core::normalize_in_place(&mut v);
+    v
+}
+
+/// The rsclip.jpeg_fast_downscale and rsclip.tiff_bands values: they change what an image
+/// decodes to, so they are part of the image cache key.
+fn decoding_settings() -> String {
+    let o = decode_options();
+    format!(
+        "jpeg_fast_downscale={} bands={:?}",
+        settings::JPEG_FAST_DOWNSCALE.get(),
+        o.bands
+    )
+}
+
+/// [`encode_images`] through the result cache.
+fn cached_images(
+    namespace: pg_sys::Oid,
+    images: &[&[u8]],
+    labels: Option<&[usize]>,
+) -> Vec<Vec<f32>> {
+    if images.is_empty() || !cache::enabled(Kind::Image) {
+        return encode_images(images, labels);
+    }
+    let decoding = decoding_settings();
+    let model = model::with_model(|l, _| cache::model_key(Kind::Image, &l.fingerprint, &decoding));
+    let keys: Vec<Key> = images
+        .iter()
+        .map(|b| Key {
+            model,
+            kind: Kind::Image,
+            input: cache::sha256(b),
+        })
+        .collect();
+    cache::resolve(namespace, &keys, &mut |positions| {
+        let subset: Vec<&[u8]> = positions.iter().map(|&p| images[p]).collect();
+        let subset_labels: Option<Vec<usize>> =
+            labels.map(|l| positions.iter().map(|&p| l[p]).collect());
+        encode_images(&subset, subset_labels.as_deref())
+    })
+}
+
+/// [`encode_texts`] through the result cache, keyed by the normalized text.
+fn cached_texts(namespace: pg_sys::Oid, texts: &[String]) -> Vec<Vec<f32>> {
+    if texts.is_empty() || !cache::enabled(Kind::Text) {
+        return encode_texts(texts);
+    }
+    let keys: Vec<Key> = model::with_model(|l, counts| {
+        let model = cache::model_key(Kind::Text, &l.fingerprint, "");
+        let tokenizer = l.tokenizer(counts);
+        texts
+            .iter()
+            .map(|t| {
+                let normalized = tokenizer.normalize(t).unwrap_or_else(|e| {
+                    error(
+                        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                        format!("rsclip: {e}"),
+                    )
+                });
+                Key {
+                    model,
+                    kind: Kind::Text,
+                    input: cache::sha256(normalized.as_bytes()),
+                }
+            })
+            .collect()
+    });
+    cache::resolve(namespace, &keys, &mut |positions| {
+        let subset: Vec<String> = positions.iter().map(|&p| texts[p].clone()).collect();
+        encode_texts(&subset)
+    })
 }
 
 fn encode_texts(texts: &[String]) -> Vec<Vec<f32>> {
@@ -163,7 +225,7 @@ fn encode_texts(texts: &[String]) -> Vec<Vec<f32>> {
             let out = encoder
                 .run_i64(&[chunk.len(), len], ids)
                 .unwrap_or_else(|e| model::raise_runtime(e));
-            result.extend(out.chunks_exact(dim).map(|r| r.to_vec()));
+            result.extend(out.chunks_exact(dim).map(normalized));
         });
     }
     result
@@ -175,16 +237,18 @@ fn encode_texts(texts: &[String]) -> Vec<Vec<f32>> {
 /// `d` must be a valid text datum.
 unsafe fn text_string(d: pg_sys::Datum) -> String {
     // SAFETY: guaranteed by the caller.
-    String::from_utf8_lossy(unsafe { varlena_bytes(d) }).into_owned()
+    String::from_utf8_lossy(unsafe { bytea_bytes(d) }).into_owned()
 }
 
 pg_function! {
     /// `rsclip_encode_image(bytea) -> embedding`
     fn rsclip_encode_image(fcinfo) {
         // SAFETY: declared STRICT with a bytea argument.
-        let bytes = unsafe { varlena_bytes(arg(fcinfo, 0)) };
-        let v = encode_images(&[bytes], true);
-        normalized_datum(&v[0])
+        let bytes = unsafe { bytea_bytes(arg(fcinfo, 0)) };
+        // SAFETY: the current call's fcinfo.
+        let namespace = unsafe { cache::function_namespace(fcinfo) };
+        let v = cached_images(namespace, &[bytes], None);
+        embedding_datum(&v[0])
     }
 }
 
@@ -193,8 +257,10 @@ pg_function! {
     fn rsclip_encode_text(fcinfo) {
         // SAFETY: declared STRICT with a text argument.
         let s = unsafe { text_string(arg(fcinfo, 0)) };
-        let v = encode_texts(&[s]);
-        normalized_datum(&v[0])
+        // SAFETY: the current call's fcinfo.
+        let namespace = unsafe { cache::function_namespace(fcinfo) };
+        let v = cached_texts(namespace, &[s]);
+        embedding_datum(&v[0])
     }
 }
 
@@ -295,10 +361,11 @@ pg_function! {
         // SAFETY: declared STRICT with a bytea[] argument, returning embedding[].
         unsafe {
             let (elems, lbound) = array_elements(arg(fcinfo, 0));
-            let present: Vec<&[u8]> = elems.iter().flatten().map(|d| varlena_bytes(*d)).collect();
-            let encoded = encode_images(&present, false);
+            let positions: Vec<usize> = elems.iter().enumerate().filter(|(_, e)| e.is_some()).map(|(i, _)| i).collect();
+            let present: Vec<&[u8]> = elems.iter().flatten().map(|d| bytea_bytes(*d)).collect();
+            let encoded = cached_images(cache::function_namespace(fcinfo), &present, Some(&positions));
             let mut it = encoded.iter();
-            let out = elems.iter().map(|e| e.map(|_| normalized_datum(it.next().expect("one per image")))).collect();
+            let out = elems.iter().map(|e| e.map(|_| embedding_datum(it.next().expect("one per image")))).collect();
             embedding_array(fcinfo, out, lbound)
         }
     }
@@ -311,9 +378,9 @@ pg_function! {
         unsafe {
             let (elems, lbound) = array_elements(arg(fcinfo, 0));
             let present: Vec<String> = elems.iter().flatten().map(|d| text_string(*d)).collect();
-            let encoded = encode_texts(&present);
+            let encoded = cached_texts(cache::function_namespace(fcinfo), &present);
             let mut it = encoded.iter();
-            let out = elems.iter().map(|e| e.map(|_| normalized_datum(it.next().expect("one per text")))).collect();
+            let out = elems.iter().map(|e| e.map(|_| embedding_datum(it.next().expect("one per text")))).collect();
             embedding_array(fcinfo, out, lbound)
         }
     }
@@ -374,6 +441,13 @@ pg_function! {
             })
         });
         jsonb_datum(&info.to_string())
+    }
+}
+
+pg_function! {
+    /// `rsclip_cache_backend_stats() -> jsonb`: this backend's cache counters.
+    fn rsclip_cache_backend_stats(_fcinfo) {
+        jsonb_datum(&cache::backend_stats_json())
     }
 }
 

@@ -105,6 +105,26 @@ pub fn cstring_datum(s: &str) -> pg_sys::Datum {
     }
 }
 
+/// Copies `s` into a palloc'd `text` (the same layout as `bytea`).
+pub fn text_datum(s: &str) -> pg_sys::Datum {
+    bytea_datum(s.as_bytes())
+}
+
+/// The bytes of a `bytea` (or `text`) datum, detoasted into the current memory context.
+///
+/// # Safety
+/// `d` must be a valid varlena datum; the slice lives as long as the current memory context.
+pub unsafe fn bytea_bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
+    // SAFETY: guaranteed by the caller; pg_detoast_datum_packed keeps short headers in place.
+    unsafe {
+        let p = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+        std::slice::from_raw_parts(
+            pgrx::varlena::vardata_any(p) as *const u8,
+            pgrx::varlena::varsize_any_exhdr(p),
+        )
+    }
+}
+
 /// Copies `bytes` into a palloc'd `bytea`.
 pub fn bytea_datum(bytes: &[u8]) -> pg_sys::Datum {
     let total = pg_sys::VARHDRSZ + bytes.len();

@@ -5,6 +5,7 @@
 
 ::pgrx::pg_module_magic!(name, version);
 
+mod cache;
 mod casts;
 mod datum;
 mod detoast_cache;
@@ -46,6 +47,7 @@ pgrx::extension_sql_file!(
     name = "index_am",
     requires = ["encoders"]
 );
+pgrx::extension_sql_file!("../sql/cache.sql", name = "cache", requires = ["index_am"]);
 
 /// Registers the settings. Nothing else happens at load time: ONNX Runtime starts threads, and
 /// threads do not survive the postmaster's fork, so models load lazily in each backend.

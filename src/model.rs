@@ -273,12 +273,18 @@ impl Loaded {
         self.vision.as_mut().expect("loaded")
     }
 
-    pub fn text(&mut self, counts: &mut LoadCounts) -> (&mut Encoder, &TextTokenizer) {
+    /// The tokenizer alone (the result cache normalizes texts before deciding to encode them).
+    pub fn tokenizer(&mut self, counts: &mut LoadCounts) -> &TextTokenizer {
         if self.tokenizer.is_none() {
             self.tokenizer =
                 Some(TextTokenizer::load(&self.model).unwrap_or_else(|e| raise_manifest(e)));
             counts.tokenizer_loads += 1;
         }
+        self.tokenizer.as_ref().expect("loaded")
+    }
+
+    pub fn text(&mut self, counts: &mut LoadCounts) -> (&mut Encoder, &TextTokenizer) {
+        self.tokenizer(counts);
         if self.text.is_none() {
             let (encoder, ms) = load_encoder(self, false);
             counts.text_loads += 1;

@@ -47,6 +47,9 @@ pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8);
 pub static JPEG_FAST_DOWNSCALE: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static PROBES: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static MAX_PROBES: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static CACHE: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static CACHE_IMAGES: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static CACHE_LRU_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static TIFF_BANDS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"1,2,3"));
 
@@ -172,6 +175,32 @@ pub fn register() {
         c"1-based bands of multi-band TIFFs used as red, green, blue, e.g. '4,3,2'.",
         c"",
         &TIFF_BANDS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"rsclip.cache",
+        c"Encoders reuse results from this backend's LRU and the shared table rsclip_cache, and add new ones.",
+        c"Off: every call runs the model.",
+        &CACHE,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"rsclip.cache_images",
+        c"Image encoders use the cache too (keyed by the sha256 of the image bytes).",
+        c"Turn off for one-off bulk loads of unique images, where cache rows would never be read.",
+        &CACHE_IMAGES,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"rsclip.cache_lru_size",
+        c"Embeddings each backend keeps in memory in front of rsclip_cache (0 = none).",
+        c"About 3 KB each at 768 dimensions.",
+        &CACHE_LRU_SIZE,
+        0,
+        1_000_000,
         GucContext::Userset,
         GucFlags::default(),
     );

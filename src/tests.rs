@@ -424,6 +424,37 @@ mod tests {
     }
 
     #[pg_test]
+    fn cache_in_a_transaction() {
+        let stat = |name: &str| {
+            Spi::get_one::<i64>(&format!("SELECT {name} FROM rsclip_cache_stats()"))
+                .unwrap()
+                .unwrap()
+        };
+        Spi::run("SET LOCAL rsclip.cache = off").unwrap();
+        let fresh = text("SELECT rsclip_encode_text('cached in a transaction')::text");
+        assert_eq!(stat("misses"), 0);
+        Spi::run("SET LOCAL rsclip.cache = on; SET LOCAL rsclip.cache_lru_size = 0").unwrap();
+        let rows = stat("table_rows");
+        assert_eq!(
+            text("SELECT rsclip_encode_text('cached in a transaction')::text"),
+            fresh
+        );
+        assert_eq!((stat("misses"), stat("table_rows")), (1, rows + 1));
+        // the row written by this transaction serves the next statement
+        assert_eq!(
+            text("SELECT rsclip_encode_text('Cached  IN a transaction')::text"),
+            fresh
+        );
+        assert_eq!((stat("misses"), stat("table_hits")), (1, 1));
+        let hits = Spi::get_one::<i64>(
+            "SELECT hits FROM rsclip_cache WHERE kind = 'text' ORDER BY created DESC LIMIT 1",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(hits, 1);
+    }
+
+    #[pg_test]
     fn encoder_bad_input_is_an_error_and_the_transaction_goes_on() {
         assert_error("SELECT rsclip_encode_image(''::bytea)", "22P03", "empty");
         assert_error(

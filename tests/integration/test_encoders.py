@@ -14,6 +14,15 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 REFERENCE = json.loads((FIXTURES / "reference" / "reference.json").read_text())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def uncached(dbname):
+    """These tests are about the encoders themselves (fidelity, sessions, errors): every call must
+    run the model, so the result cache is off in this module's database (test_cache.py covers it
+    and checks cached results equal these bit for bit)."""
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        c.execute(f'ALTER DATABASE "{dbname}" SET rsclip.cache = off')
+
+
 def image_bytes(name):
     return (FIXTURES / "reference" / REFERENCE["images"][name]["file"]).read_bytes()
 

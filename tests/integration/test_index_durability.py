@@ -4,36 +4,18 @@ streaming hot standby replays it exactly, with wal_consistency_checking verifyin
 WAL record against the primary's page image.
 
 Each test runs its own throwaway clusters (tools/cluster.py), never the shared test server."""
-import os
-import shutil
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import psycopg
 import pytest
 
+from clusters import db_uri, fresh_cluster, server_log, start_standby, wait_for, wait_for_replay
 from conftest import PG_MAJOR
 from index_data import copy_rows, gaussian_mixture, recall, vec_text
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from cluster import Cluster, as_pg_user  # noqa: E402
-
 BASE_PORT = 55430 + int(PG_MAJOR) % 10 * 3
-
-
-def fresh_cluster(name, port, settings=()):
-    c = Cluster(PG_MAJOR, name, port)
-    c.stop("immediate")
-    c.init(list(settings))
-    c.start(list(settings))
-    return c
-
-
-def db_uri(c, db="postgres"):
-    return c.uri.rsplit("/", 1)[0] + "/" + db
 
 
 def setup_db(c):
@@ -50,10 +32,6 @@ def crash_and_restart(c):
     assert "database system was interrupted" in server_log(c) or "crash" in server_log(c).lower()
 
 
-def server_log(c):
-    return as_pg_user(["cat", str(c.log)], capture_output=True, text=True).stdout
-
-
 def top_ids(conn, table, query, k=10, index=True):
     conn.execute(f"SET enable_seqscan = {'off' if index else 'on'}")
     conn.execute(f"SET enable_indexscan = {'on' if index else 'off'}")
@@ -65,15 +43,6 @@ def top_ids(conn, table, query, k=10, index=True):
 
 def mean_recall(conn, table, queries):
     return float(np.mean([recall(top_ids(conn, table, q), top_ids(conn, table, q, index=False)) for q in queries]))
-
-
-def wait_for(predicate, timeout=60, step=0.01):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -196,19 +165,9 @@ def test_kill_during_vacuum(crash_cluster):
 def test_streaming_replica_returns_the_primarys_results():
     consistency = ["wal_consistency_checking='generic'"]
     primary = fresh_cluster("primary", BASE_PORT + 1, consistency)
-    standby = Cluster(PG_MAJOR, "standby", BASE_PORT + 2)
-    standby.stop("immediate")
+    standby = None
     try:
-        shutil.rmtree(standby.data, ignore_errors=True)
-        standby.data.mkdir(mode=0o700)
-        if os.geteuid() == 0:
-            pg_user = os.environ.get("PG_USER", "postgres")
-            shutil.chown(standby.data, pg_user, pg_user)
-        r = as_pg_user([str(primary.bin / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
-                        "-U", "postgres", "-D", str(standby.data), "-R", "-X", "stream", "-c", "fast"],
-                       capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        standby.start(consistency + ["hot_standby=on"])
+        standby = start_standby(primary, "standby", BASE_PORT + 2, consistency)
         setup_db(primary)
         data = gaussian_mixture(12050, 128, seed=31)
         with psycopg.connect(db_uri(primary, "dur"), autocommit=True) as p:
@@ -219,15 +178,7 @@ def test_streaming_replica_returns_the_primarys_results():
                 p.execute("INSERT INTO r VALUES (%s, %s::embedding)", (i, vec_text(data[i - 1])))
             p.execute("DELETE FROM r WHERE id % 4 = 0")
             p.execute("VACUUM r")
-            lsn = p.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
-
-            def replayed():
-                try:
-                    with psycopg.connect(db_uri(standby, "dur"), autocommit=True) as s:
-                        return s.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]
-                except psycopg.OperationalError:
-                    return False
-            assert wait_for(replayed, timeout=120, step=0.2), "standby did not catch up"
+            wait_for_replay(p, standby, "dur")
             with psycopg.connect(db_uri(standby, "dur"), autocommit=True) as s:
                 assert s.execute("SELECT pg_is_in_recovery()").fetchone()[0]
                 for q in data[12000:]:
@@ -246,5 +197,6 @@ def test_streaming_replica_returns_the_primarys_results():
         assert standby.running(), "standby stopped (a WAL consistency check failed?)"
         assert "inconsistent page" not in server_log(standby)
     finally:
-        standby.stop("immediate")
+        if standby is not None:
+            standby.stop("immediate")
         primary.stop("immediate")

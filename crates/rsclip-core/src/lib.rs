@@ -7,6 +7,7 @@
 pub mod binary;
 pub mod bits;
 pub mod distance;
+pub mod lru;
 pub mod text;
 
 /// Largest number of dimensions an `embedding` may have (pgvector's limit too, so values move

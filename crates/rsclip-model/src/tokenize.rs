@@ -48,6 +48,20 @@ impl TextTokenizer {
         Ok(tok)
     }
 
+    /// The text after the tokenizer's normalization: two texts with the same normalized form get
+    /// the same token ids, hence the same embedding (what the result cache keys on).
+    pub fn normalize(&self, text: &str) -> Result<String, TokenizeError> {
+        use tokenizers::Normalizer;
+        let Some(normalizer) = self.inner.get_normalizer() else {
+            return Ok(text.to_owned());
+        };
+        let mut s = tokenizers::NormalizedString::from(text);
+        normalizer
+            .normalize(&mut s)
+            .map_err(|e| TokenizeError(e.to_string()))?;
+        Ok(s.get().to_owned())
+    }
+
     /// Token ids of one text, exactly `max_length` long.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>, TokenizeError> {
         let enc = self

@@ -398,3 +398,26 @@ fn jpeg_reduction_keeps_parity_within_tolerance() {
     assert_eq!(jpeg_scale_numerator(510, 4000, Some(64)), 8);
     assert_eq!(jpeg_scale_numerator(4000, 3000, None), 8);
 }
+
+/// The result cache keys texts by their normalized form: texts that normalize alike must get the
+/// same token ids, and texts that normalize differently are different keys.
+#[test]
+fn normalized_text_determines_the_token_ids() {
+    let model = model();
+    let tok = TextTokenizer::load(&model).unwrap();
+    let same = [
+        ("Airport with parked planes", "airport  with parked PLANES"),
+        ("flooded farmland.", "Flooded Farmland!"),
+        ("  river\tdelta ", "river delta"),
+    ];
+    for (a, b) in same {
+        let (na, nb) = (tok.normalize(a).unwrap(), tok.normalize(b).unwrap());
+        assert_eq!(na, nb, "{a:?} vs {b:?}");
+        assert_eq!(tok.encode(a).unwrap(), tok.encode(b).unwrap());
+    }
+    let (na, nb) = (
+        tok.normalize("harbor").unwrap(),
+        tok.normalize("harbour").unwrap(),
+    );
+    assert_ne!(na, nb);
+}

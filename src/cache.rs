@@ -1,0 +1,528 @@
+//! The result cache: a per-backend LRU in front of the shared table `rsclip_cache`.
+//!
+//! An encoder call computes each input's key (model fingerprint, kind, sha256 of the input) and
+//! takes what it can from the LRU, then the rest from the table in one query; only what is still
+//! missing is encoded, in one inference run, and the new results go into the LRU and the table
+//! (`ON CONFLICT DO NOTHING`).
+//!
+//! Who may write: ordinary roles have no privileges on the table; the lookups and inserts run as
+//! the table's owner (a local user-id switch with `SECURITY_RESTRICTED_OPERATION`, as Postgres
+//! does for maintenance commands), with every table, function and operator schema-qualified so
+//! the caller's search_path cannot redirect them. Writes are skipped, not failed, where they are
+//! impossible or harmful: read-only transactions, hot standbys, parallel mode, and serializable
+//! transactions (where shared cache rows would add serialization failures between unrelated
+//! transactions). Table hits bump `hits`/`last_used` on rows nobody else has locked
+//! (`SKIP LOCKED`), so a popular entry never makes backends wait for each other.
+
+use crate::fmgr::error;
+use crate::settings;
+use pgrx::{pg_sys, PgSqlErrorCode};
+use rsclip_core::lru::Lru;
+use sha2::{Digest, Sha256};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Kind {
+    Text,
+    Image,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Text => "text",
+            Kind::Image => "image",
+        }
+    }
+}
+
+/// What a cached embedding is stored under.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Key {
+    pub model: [u8; 32],
+    pub kind: Kind,
+    pub input: [u8; 32],
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// The model part of the key: the model files' fingerprint plus, for images, the settings that
+/// change what an image decodes to. A different model or setting never meets old entries.
+pub fn model_key(kind: Kind, fingerprint: &str, decoding: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"rsclip-cache-v1\0");
+    h.update(kind.name().as_bytes());
+    h.update(b"\0");
+    h.update(fingerprint.as_bytes());
+    h.update(b"\0");
+    h.update(decoding.as_bytes());
+    h.finalize().into()
+}
+
+/// Whether encoders of `kind` use the cache now.
+pub fn enabled(kind: Kind) -> bool {
+    settings::CACHE.get() && (kind == Kind::Text || settings::CACHE_IMAGES.get())
+}
+
+#[derive(Default, Clone, Copy)]
+struct Counters {
+    lru_hits: u64,
+    table_hits: u64,
+    misses: u64,
+    writes_skipped: u64,
+}
+
+/// Prepared statements on one cache table, kept for the backend's lifetime.
+struct Plans {
+    relid: pg_sys::Oid,
+    lookup: pg_sys::SPIPlanPtr,
+    insert: pg_sys::SPIPlanPtr,
+    touch: pg_sys::SPIPlanPtr,
+}
+
+#[derive(Default)]
+struct State {
+    lru: Lru<Key, Box<[f32]>>,
+    counters: Counters,
+    plans: Option<Plans>,
+}
+
+thread_local! {
+    static STATE: RefCell<State> = RefCell::new(State::default());
+}
+
+/// The cache table of the installed extension, and what is needed to use it.
+#[derive(Clone, Copy)]
+struct Table {
+    relid: pg_sys::Oid,
+    owner: pg_sys::Oid,
+    embedding_array: pg_sys::Oid,
+}
+
+/// The schema of the encoder function being called: the extension's schema, where the cache
+/// table lives.
+///
+/// # Safety
+/// `fcinfo` is the current call's.
+pub unsafe fn function_namespace(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Oid {
+    // SAFETY: (caller) a live call; its flinfo names the function.
+    unsafe { pg_sys::get_func_namespace((*(*fcinfo).flinfo).fn_oid) }
+}
+
+/// Finds `rsclip_cache` in `namespace`; None when it is not there (the extension is being
+/// created or dropped, or the table was removed).
+fn find_table(namespace: pg_sys::Oid) -> Option<Table> {
+    // SAFETY: catalog lookups by name and OID in a transaction; the syscache tuple is released
+    // before returning.
+    unsafe {
+        let relid = pg_sys::get_relname_relid(c"rsclip_cache".as_ptr(), namespace);
+        if relid == pg_sys::InvalidOid {
+            return None;
+        }
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(relid),
+        );
+        if tuple.is_null() {
+            return None;
+        }
+        let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple)).relowner;
+        pg_sys::ReleaseSysCache(tuple);
+        let embedding = pg_sys::get_atttype(relid, 4);
+        let embedding_array = pg_sys::get_array_type(embedding);
+        if embedding_array == pg_sys::InvalidOid {
+            return None;
+        }
+        Some(Table {
+            relid,
+            owner,
+            embedding_array,
+        })
+    }
+}
+
+/// Whether this transaction may write the cache (see the module comment).
+fn writable() -> bool {
+    // SAFETY: plain reads of transaction-state globals.
+    unsafe {
+        !pg_sys::XactReadOnly
+            && !pg_sys::IsInParallelMode()
+            && !pg_sys::RecoveryInProgress()
+            && pg_sys::XactIsoLevel != pg_sys::XACT_SERIALIZABLE as i32
+    }
+}
+
+/// Runs `f` as `owner` (a local user-id change, restricted like a maintenance command). An ERROR
+/// inside unwinds through the guard, which restores the caller's identity; transaction abort
+/// would restore it too.
+fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    struct Restore(pg_sys::Oid, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores what GetUserIdAndSecContext returned below.
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let mut user = pg_sys::InvalidOid;
+    let mut context = 0;
+    // SAFETY: reads and sets this backend's current user id and security context.
+    let _restore = unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+        Restore(user, context)
+    };
+    f()
+}
+
+/// Connects to SPI for `f`.
+fn with_spi<R>(f: impl FnOnce() -> R) -> R {
+    struct Finish;
+    impl Drop for Finish {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                // SAFETY: pairs with the SPI_connect below (on an ERROR, abort cleans up SPI).
+                unsafe { pg_sys::SPI_finish() };
+            }
+        }
+    }
+    // SAFETY: SPI_connect in a transaction; Finish disconnects.
+    let status = unsafe { pg_sys::SPI_connect() };
+    if status < 0 {
+        error(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("rsclip: SPI_connect failed ({status})"),
+        );
+    }
+    let _finish = Finish;
+    f()
+}
+
+fn prepare(sql: &str, types: &[pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
+    let sql = CString::new(sql).expect("no NUL in our SQL");
+    // SAFETY: inside with_spi; the argument type array lives for the call.
+    unsafe {
+        let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_ptr() as *mut _);
+        if plan.is_null() {
+            let code = pg_sys::SPI_result;
+            error(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                format!("rsclip: could not prepare a cache query ({code})"),
+            );
+        }
+        pg_sys::SPI_keepplan(plan);
+        plan
+    }
+}
+
+/// The kept plans for `table`, prepared on first use (inside with_spi).
+fn plans(
+    state: &mut State,
+    table: &Table,
+) -> (pg_sys::SPIPlanPtr, pg_sys::SPIPlanPtr, pg_sys::SPIPlanPtr) {
+    if let Some(p) = &state.plans {
+        if p.relid == table.relid {
+            return (p.lookup, p.insert, p.touch);
+        }
+    }
+    if let Some(old) = state.plans.take() {
+        // SAFETY: plans we kept; nothing else refers to them.
+        unsafe {
+            pg_sys::SPI_freeplan(old.lookup);
+            pg_sys::SPI_freeplan(old.insert);
+            pg_sys::SPI_freeplan(old.touch);
+        }
+    }
+    // SAFETY: catalog lookups of an existing relation; the names are quoted by Postgres.
+    let name = unsafe {
+        let namespace = pg_sys::get_rel_namespace(table.relid);
+        let nsp = pg_sys::get_namespace_name(namespace);
+        let quoted = CStr::from_ptr(pg_sys::quote_identifier(nsp)).to_string_lossy();
+        format!("{quoted}.rsclip_cache")
+    };
+    let eq = "OPERATOR(pg_catalog.=)";
+    let bytea = pg_sys::BYTEAOID;
+    let text = pg_sys::TEXTOID;
+    let bytea_array = pg_sys::BYTEAARRAYOID;
+    let lookup = prepare(
+        &format!(
+            "SELECT input_sha256, embedding FROM {name} \
+             WHERE model {eq} $1 AND kind {eq} $2 AND input_sha256 {eq} ANY ($3)"
+        ),
+        &[bytea, text, bytea_array],
+    );
+    let insert = prepare(
+        &format!(
+            "INSERT INTO {name} (model, kind, input_sha256, embedding) \
+             SELECT $1, $2, u.h, u.e \
+             FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4)) AS u(h, e) \
+             ON CONFLICT ON CONSTRAINT rsclip_cache_pkey DO NOTHING"
+        ),
+        &[bytea, text, bytea_array, table.embedding_array],
+    );
+    let touch = prepare(
+        &format!(
+            "UPDATE {name} SET hits = hits OPERATOR(pg_catalog.+) 1, last_used = pg_catalog.now() \
+             WHERE ctid {eq} ANY (ARRAY(SELECT ctid FROM {name} \
+                 WHERE model {eq} $1 AND kind {eq} $2 AND input_sha256 {eq} ANY ($3) \
+                 FOR UPDATE SKIP LOCKED))"
+        ),
+        &[bytea, text, bytea_array],
+    );
+    state.plans = Some(Plans {
+        relid: table.relid,
+        lookup,
+        insert,
+        touch,
+    });
+    (lookup, insert, touch)
+}
+
+fn bytea_array(items: &[[u8; 32]]) -> pg_sys::Datum {
+    let mut datums: Vec<pg_sys::Datum> =
+        items.iter().map(|h| crate::fmgr::bytea_datum(h)).collect();
+    // SAFETY: construct_array copies the varlena datums into a new bytea[] in the current context.
+    unsafe {
+        pg_sys::Datum::from(pg_sys::construct_array(
+            datums.as_mut_ptr(),
+            datums.len() as i32,
+            pg_sys::BYTEAOID,
+            -1,
+            false,
+            pg_sys::TYPALIGN_INT as std::ffi::c_char,
+        ))
+    }
+}
+
+fn embedding_array(type_oid: pg_sys::Oid, vectors: &[&[f32]]) -> pg_sys::Datum {
+    // SAFETY: get_typlenbyvalalign reads the element type of the table's own column.
+    let (elem, len, byval, align) = unsafe {
+        let elem = pg_sys::get_element_type(type_oid);
+        let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+        pg_sys::get_typlenbyvalalign(elem, &mut len, &mut byval, &mut align);
+        (elem, len, byval, align)
+    };
+    let mut datums: Vec<pg_sys::Datum> = vectors
+        .iter()
+        .map(|v| crate::datum::from_slice(v))
+        .collect();
+    // SAFETY: as above, with the element type's own storage properties.
+    unsafe {
+        pg_sys::Datum::from(pg_sys::construct_array(
+            datums.as_mut_ptr(),
+            datums.len() as i32,
+            elem,
+            len as i32,
+            byval,
+            align,
+        ))
+    }
+}
+
+/// Runs a kept plan; returns the SPI status.
+fn execute(plan: pg_sys::SPIPlanPtr, args: &mut [pg_sys::Datum], read_only: bool) -> i32 {
+    let nulls = vec![b' ' as std::ffi::c_char; args.len()];
+    // SAFETY: inside with_spi; the plan takes exactly these arguments.
+    let status =
+        unsafe { pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), nulls.as_ptr(), read_only, 0) };
+    if status < 0 {
+        error(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("rsclip: a cache query failed ({status})"),
+        );
+    }
+    status
+}
+
+/// Looks `inputs` up in the table: (input hash, embedding) of those present.
+fn table_lookup(
+    state: &mut State,
+    table: &Table,
+    model: &[u8; 32],
+    kind: Kind,
+    inputs: &[[u8; 32]],
+    touch_hits: bool,
+) -> HashMap<[u8; 32], Box<[f32]>> {
+    as_owner(table.owner, || {
+        with_spi(|| {
+            let (lookup, _, touch) = plans(state, table);
+            let mut args = [
+                crate::fmgr::bytea_datum(model),
+                crate::fmgr::text_datum(kind.name()),
+                bytea_array(inputs),
+            ];
+            execute(lookup, &mut args, true);
+            let mut found = HashMap::new();
+            // SAFETY: SPI_tuptable holds SPI_processed rows of (bytea, embedding); the values are
+            // copied out before SPI_finish frees them.
+            unsafe {
+                let table = pg_sys::SPI_tuptable;
+                let n = pg_sys::SPI_processed as usize;
+                if !table.is_null() {
+                    for i in 0..n {
+                        let row = *(*table).vals.add(i);
+                        let mut null = false;
+                        let h = pg_sys::SPI_getbinval(row, (*table).tupdesc, 1, &mut null);
+                        if null {
+                            continue;
+                        }
+                        let h = crate::fmgr::bytea_bytes(h);
+                        let e = pg_sys::SPI_getbinval(row, (*table).tupdesc, 2, &mut null);
+                        if null || h.len() != 32 {
+                            continue;
+                        }
+                        let v: Box<[f32]> = crate::datum::with(e, |v| v.into());
+                        found.insert(h.try_into().expect("32 bytes"), v);
+                    }
+                }
+            }
+            if touch_hits && !found.is_empty() {
+                let hits: Vec<[u8; 32]> = found.keys().copied().collect();
+                let mut args = [
+                    crate::fmgr::bytea_datum(model),
+                    crate::fmgr::text_datum(kind.name()),
+                    bytea_array(&hits),
+                ];
+                execute(touch, &mut args, false);
+            }
+            found
+        })
+    })
+}
+
+fn table_insert(
+    state: &mut State,
+    table: &Table,
+    model: &[u8; 32],
+    kind: Kind,
+    rows: &[([u8; 32], &[f32])],
+) {
+    as_owner(table.owner, || {
+        with_spi(|| {
+            let (_, insert, _) = plans(state, table);
+            let hashes: Vec<[u8; 32]> = rows.iter().map(|r| r.0).collect();
+            let vectors: Vec<&[f32]> = rows.iter().map(|r| r.1).collect();
+            let mut args = [
+                crate::fmgr::bytea_datum(model),
+                crate::fmgr::text_datum(kind.name()),
+                bytea_array(&hashes),
+                embedding_array(table.embedding_array, &vectors),
+            ];
+            execute(insert, &mut args, false);
+        })
+    })
+}
+
+/// The embeddings of the inputs whose keys are `keys` (all of one model and kind): from the
+/// LRU, the table, or `encode`, which is called at most once with the positions (into `keys`)
+/// of the distinct inputs found nowhere, and returns their normalized embeddings in order.
+/// `namespace` is the extension's schema (where the table is).
+pub fn resolve(
+    namespace: pg_sys::Oid,
+    keys: &[Key],
+    encode: &mut dyn FnMut(&[usize]) -> Vec<Vec<f32>>,
+) -> Vec<Vec<f32>> {
+    let Some(first) = keys.first() else {
+        return Vec::new();
+    };
+    let (model, kind) = (first.model, first.kind);
+    debug_assert!(keys.iter().all(|k| k.model == model && k.kind == kind));
+    let capacity = settings::CACHE_LRU_SIZE.get().max(0) as usize;
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; keys.len()];
+    // Positions of each distinct input not in the LRU.
+    let mut missing: HashMap<[u8; 32], Vec<usize>> = HashMap::new();
+    let mut order: Vec<[u8; 32]> = Vec::new();
+    STATE.with_borrow_mut(|state| {
+        for (i, key) in keys.iter().enumerate() {
+            if let Some(v) = state.lru.get(key) {
+                out[i] = Some(v.to_vec());
+                state.counters.lru_hits += 1;
+            } else {
+                let positions = missing.entry(key.input).or_default();
+                if positions.is_empty() {
+                    order.push(key.input);
+                }
+                positions.push(i);
+            }
+        }
+    });
+    if missing.is_empty() {
+        return out.into_iter().map(|v| v.expect("filled")).collect();
+    }
+    let table = find_table(namespace);
+    let can_write = writable();
+    if let Some(table) = &table {
+        let found = STATE
+            .with_borrow_mut(|state| table_lookup(state, table, &model, kind, &order, can_write));
+        STATE.with_borrow_mut(|state| {
+            for (input, v) in found {
+                if let Some(positions) = missing.remove(&input) {
+                    for &p in &positions {
+                        out[p] = Some(v.to_vec());
+                    }
+                    state.counters.table_hits += 1;
+                    state.lru.put(Key { model, kind, input }, v, capacity);
+                }
+            }
+        });
+        order.retain(|h| missing.contains_key(h));
+    }
+    if order.is_empty() {
+        return out.into_iter().map(|v| v.expect("filled")).collect();
+    }
+    let firsts: Vec<usize> = order.iter().map(|h| missing[h][0]).collect();
+    let encoded = encode(&firsts);
+    assert_eq!(encoded.len(), firsts.len(), "one embedding per input");
+    let rows: Vec<([u8; 32], &[f32])> = order
+        .iter()
+        .zip(&encoded)
+        .map(|(h, v)| (*h, &v[..]))
+        .collect();
+    match (&table, can_write) {
+        (Some(table), true) => {
+            STATE.with_borrow_mut(|state| table_insert(state, table, &model, kind, &rows))
+        }
+        _ => STATE.with_borrow_mut(|state| state.counters.writes_skipped += rows.len() as u64),
+    }
+    STATE.with_borrow_mut(|state| {
+        state.counters.misses += order.len() as u64;
+        for (input, v) in order.iter().zip(&encoded) {
+            for &p in &missing[input] {
+                out[p] = Some(v.clone());
+            }
+            state.lru.put(
+                Key {
+                    model,
+                    kind,
+                    input: *input,
+                },
+                v.clone().into(),
+                capacity,
+            );
+        }
+    });
+    out.into_iter().map(|v| v.expect("filled")).collect()
+}
+
+/// This backend's counters as JSON (for rsclip_cache_stats()).
+pub fn backend_stats_json() -> String {
+    STATE.with_borrow(|state| {
+        let c = state.counters;
+        serde_json::json!({
+            "lru_hits": c.lru_hits,
+            "table_hits": c.table_hits,
+            "misses": c.misses,
+            "writes_skipped": c.writes_skipped,
+            "lru_entries": state.lru.len(),
+        })
+        .to_string()
+    })
+}
