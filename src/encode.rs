@@ -28,6 +28,14 @@ fn decode_options() -> DecodeOptions {
     }
 }
 
+/// The decoding options in force for a model whose input is `image_size` pixels square.
+pub(crate) fn image_decode_options(image_size: usize) -> DecodeOptions {
+    DecodeOptions {
+        reduce_to: settings::JPEG_FAST_DOWNSCALE.get().then_some(image_size),
+        ..decode_options()
+    }
+}
+
 fn raise_decode(e: &DecodeError, which: Option<usize>) -> ! {
     let code = match e {
         DecodeError::TooLarge { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -59,12 +67,7 @@ fn pixel_batch(
     labels: Option<&[usize]>,
 ) -> Vec<f32> {
     let pre = &loaded.preprocessing;
-    let opts = DecodeOptions {
-        reduce_to: settings::JPEG_FAST_DOWNSCALE
-            .get()
-            .then_some(pre.image_size),
-        ..decode_options()
-    };
+    let opts = image_decode_options(pre.image_size);
     let per = pre.tensor_len();
     let mut out = vec![0f32; per * images.len()];
     let results: Vec<Result<(), DecodeError>> = if threads <= 1 || images.len() <= 1 {
@@ -204,7 +207,7 @@ fn cached_texts(namespace: pg_sys::Oid, texts: &[String]) -> Vec<Vec<f32>> {
     })
 }
 
-fn encode_texts(texts: &[String]) -> Vec<Vec<f32>> {
+pub(crate) fn encode_texts(texts: &[String]) -> Vec<Vec<f32>> {
     let batch = settings::BATCH_SIZE.get().max(1) as usize;
     let mut result = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(batch) {
@@ -268,7 +271,7 @@ pg_function! {
 ///
 /// # Safety
 /// `d` must be a valid array datum of a varlena element type.
-unsafe fn array_elements(d: pg_sys::Datum) -> (Vec<Option<pg_sys::Datum>>, i32) {
+pub(crate) unsafe fn array_elements(d: pg_sys::Datum) -> (Vec<Option<pg_sys::Datum>>, i32) {
     // SAFETY: guaranteed by the caller; deconstruct_array yields n datums and null flags.
     unsafe {
         let arr = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as *mut pg_sys::ArrayType;
@@ -323,9 +326,33 @@ unsafe fn embedding_array(
     values: Vec<Option<pg_sys::Datum>>,
     lbound: i32,
 ) -> pg_sys::Datum {
-    // SAFETY: flinfo is valid for the call; construct_md_array copies the datums.
+    // SAFETY: flinfo is valid for the call.
+    let array_type = unsafe { pg_sys::get_fn_expr_rettype((*fcinfo).flinfo) };
+    // SAFETY: the declared return type is embedding[].
+    unsafe { embedding_array_with(array_type, values, lbound) }
+}
+
+/// An array of type `array_type` (an `embedding[]`) holding `values` (NULL where None).
+///
+/// # Safety
+/// `array_type` is the embedding array type; the values are embedding datums.
+pub(crate) unsafe fn embedding_array_of(
+    array_type: pg_sys::Oid,
+    values: Vec<Option<pg_sys::Datum>>,
+) -> pg_sys::Datum {
+    // SAFETY: (caller).
+    unsafe { embedding_array_with(array_type, values, 1) }
+}
+
+/// # Safety
+/// As for [`embedding_array_of`].
+unsafe fn embedding_array_with(
+    array_type: pg_sys::Oid,
+    values: Vec<Option<pg_sys::Datum>>,
+    lbound: i32,
+) -> pg_sys::Datum {
+    // SAFETY: construct_md_array copies the datums.
     unsafe {
-        let array_type = pg_sys::get_fn_expr_rettype((*fcinfo).flinfo);
         let elem_type = pg_sys::get_element_type(array_type);
         if elem_type == pg_sys::InvalidOid {
             error(

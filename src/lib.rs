@@ -5,6 +5,7 @@
 
 ::pgrx::pg_module_magic!(name, version);
 
+mod backfill;
 mod cache;
 mod casts;
 mod datum;
@@ -48,6 +49,11 @@ pgrx::extension_sql_file!(
     requires = ["encoders"]
 );
 pgrx::extension_sql_file!("../sql/cache.sql", name = "cache", requires = ["index_am"]);
+pgrx::extension_sql_file!(
+    "../sql/backfill.sql",
+    name = "backfill",
+    requires = ["cache"]
+);
 
 /// Registers the settings. Nothing else happens at load time: ONNX Runtime starts threads, and
 /// threads do not survive the postmaster's fork, so models load lazily in each backend.
