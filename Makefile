@@ -7,7 +7,7 @@ PY := $(ENV) "$$RSCLIP_VENV/bin/python"
 ITEST_PORT := $(shell echo $$((55400 + $(PG))))
 FUZZ_SECONDS ?= 30
 
-.PHONY: setup build install lint unit pgtest itest test server stop demo bench bench-index bench-cache bench-encode export-env fuzz fixture clean
+.PHONY: setup build install lint unit pgtest itest test server stop demo bench bench-index bench-cache bench-backfill bench-encode export-env fuzz fixture clean
 
 setup:
 	@bash tools/setup.sh
@@ -59,6 +59,7 @@ demo: server
 ROWS ?= 100000
 BENCH_SHARED_BUFFERS ?= 4GB
 BENCH_MWM ?= 2GB
+BACKFILL_ROWS ?= 10000
 bench: install
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
 	@$(PY) bench/exact_search.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS)
@@ -74,6 +75,11 @@ bench-index: install
 bench-cache: install
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
 	@$(PY) bench/cache.py --uri postgresql://postgres@127.0.0.1:55518/postgres
+
+# Backfill throughput: rsclip_backfill vs bare batched session.run vs per-row UPDATE.
+bench-backfill: install
+	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
+	@$(PY) bench/backfill.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(BACKFILL_ROWS)
 
 # Encoding throughput: rsclip vs a Python pipeline vs bare ONNX Runtime, on the fixture and on
 # the git-rsclip-base architecture with random weights (exported on first use, not committed).

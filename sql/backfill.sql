@@ -208,7 +208,10 @@ BEGIN
         'FROM (SELECT ctid AS c, %s AS s, %s AS k FROM %s '
         '      WHERE ctid = ANY ($1) AND %I IS NULL AND %I IS NOT NULL FOR UPDATE SKIP LOCKED) q',
         src_expr, key_expr, tbl, dst, src);
-    update_sql := format('UPDATE %s SET %I = $1 WHERE ctid = $2', tbl, dst);
+    -- one statement per batch; the join on ctid is a TID scan per row
+    update_sql := format('UPDATE %s AS rsclip_t SET %I = rsclip_u.e '
+                         'FROM ROWS FROM (pg_catalog.unnest($1::tid[]), pg_catalog.unnest($2::@extschema@.embedding[])) '
+                         'AS rsclip_u(c, e) WHERE rsclip_t.ctid = rsclip_u.c AND rsclip_u.e IS NOT NULL', tbl, dst);
 
     failed_rows := @extschema@.rsclip_backfill_failed_rows(tbl);
     EXECUTE format('SELECT count(*) FROM %s WHERE %I IS NULL AND %I IS NOT NULL AND ctid <> ALL ($1)', tbl, dst, src)
@@ -270,20 +273,22 @@ BEGIN
 
             IF cardinality(cur_ctids) > 0 THEN
                 res := @extschema@.rsclip_backfill_encode(cur_src, kind, next_src);
+                EXECUTE update_sql USING cur_ctids, res.embeddings;
+                GET DIAGNOSTICS n = ROW_COUNT;
+                done := done + n;
                 err_ctids := '{}';
                 err_keys := '{}';
                 err_msgs := '{}';
-                FOR i IN 1 .. cardinality(cur_ctids) LOOP
-                    IF res.embeddings[i] IS NOT NULL THEN
-                        EXECUTE update_sql USING res.embeddings[i], cur_ctids[i];
-                        done := done + 1;
-                    ELSE
-                        err_ctids := err_ctids || cur_ctids[i];
-                        err_keys := err_keys || cur_keys[i];
-                        err_msgs := err_msgs || coalesce(res.errors[i], 'no embedding');
-                        failed := failed + 1;
-                    END IF;
-                END LOOP;
+                IF n < cardinality(cur_ctids) THEN
+                    FOR i IN 1 .. cardinality(cur_ctids) LOOP
+                        IF res.embeddings[i] IS NULL THEN
+                            err_ctids := err_ctids || cur_ctids[i];
+                            err_keys := err_keys || cur_keys[i];
+                            err_msgs := err_msgs || coalesce(res.errors[i], 'no embedding');
+                            failed := failed + 1;
+                        END IF;
+                    END LOOP;
+                END IF;
                 IF cardinality(err_ctids) > 0 THEN
                     PERFORM @extschema@.rsclip_backfill_log_errors(tbl, err_ctids, err_keys, err_msgs);
                     failed_rows := failed_rows || err_ctids;

@@ -441,6 +441,7 @@ pub fn resolve(
     let mut missing: HashMap<[u8; 32], Vec<usize>> = HashMap::new();
     let mut order: Vec<[u8; 32]> = Vec::new();
     STATE.with_borrow_mut(|state| {
+        state.lru.shrink_to(capacity); // the setting may have been lowered
         for (i, key) in keys.iter().enumerate() {
             if let Some(v) = state.lru.get(key) {
                 out[i] = Some(v.to_vec());

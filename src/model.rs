@@ -100,7 +100,16 @@ fn data_dir() -> PathBuf {
     )
 }
 
+/// GPUs do not come and go under a running backend: count them once (listing /dev on every
+/// encoder call cost more than a cache hit).
 fn cuda_device_count() -> i32 {
+    thread_local! {
+        static COUNT: std::cell::OnceCell<i32> = const { std::cell::OnceCell::new() };
+    }
+    COUNT.with(|c| *c.get_or_init(count_cuda_devices))
+}
+
+fn count_cuda_devices() -> i32 {
     // Without a CUDA runtime call, count the device nodes the driver creates.
     std::fs::read_dir("/dev")
         .map(|d| {
