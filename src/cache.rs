@@ -27,12 +27,15 @@ use std::ffi::{CStr, CString};
 pub enum Kind {
     Text,
     Image,
+    /// A text before normalization: per-backend LRU only (a repeated query string then skips
+    /// the tokenizer's normalization), never stored in the table.
+    RawText,
 }
 
 impl Kind {
     fn name(self) -> &'static str {
         match self {
-            Kind::Text => "text",
+            Kind::Text | Kind::RawText => "text",
             Kind::Image => "image",
         }
     }
@@ -511,6 +514,33 @@ pub fn resolve(
         }
     });
     out.into_iter().map(|v| v.expect("filled")).collect()
+}
+
+/// The LRU's values for `keys` (hits are counted), without touching the table.
+pub fn lru_lookup(keys: &[Key]) -> Vec<Option<Vec<f32>>> {
+    let capacity = settings::CACHE_LRU_SIZE.get().max(0) as usize;
+    STATE.with_borrow_mut(|state| {
+        state.lru.shrink_to(capacity);
+        keys.iter()
+            .map(|k| {
+                let v = state.lru.get(k).map(|v| v.to_vec());
+                if v.is_some() {
+                    state.counters.lru_hits += 1;
+                }
+                v
+            })
+            .collect()
+    })
+}
+
+/// Adds `values` to the LRU under `keys`.
+pub fn lru_remember(keys: &[Key], values: &[Vec<f32>]) {
+    let capacity = settings::CACHE_LRU_SIZE.get().max(0) as usize;
+    STATE.with_borrow_mut(|state| {
+        for (k, v) in keys.iter().zip(values) {
+            state.lru.put(*k, v.clone().into(), capacity);
+        }
+    })
 }
 
 /// This backend's counters as JSON (for rsclip_cache_stats()).

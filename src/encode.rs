@@ -176,18 +176,32 @@ fn cached_images(
     })
 }
 
-/// [`encode_texts`] through the result cache, keyed by the normalized text.
+/// [`encode_texts`] through the result cache, keyed by the normalized text. A text seen before
+/// in this backend is found by its raw form first, without normalizing it again.
 fn cached_texts(namespace: pg_sys::Oid, texts: &[String]) -> Vec<Vec<f32>> {
     if texts.is_empty() || !cache::enabled(Kind::Text) {
         return encode_texts(texts);
     }
+    let model = model::with_model(|l, _| cache::model_key(Kind::Text, &l.fingerprint, ""));
+    let raw_keys: Vec<Key> = texts
+        .iter()
+        .map(|t| Key {
+            model,
+            kind: Kind::RawText,
+            input: cache::sha256(t.as_bytes()),
+        })
+        .collect();
+    let mut out = cache::lru_lookup(&raw_keys);
+    let missing: Vec<usize> = (0..texts.len()).filter(|&i| out[i].is_none()).collect();
+    if missing.is_empty() {
+        return out.into_iter().map(|v| v.expect("hit")).collect();
+    }
     let keys: Vec<Key> = model::with_model(|l, counts| {
-        let model = cache::model_key(Kind::Text, &l.fingerprint, "");
         let tokenizer = l.tokenizer(counts);
-        texts
+        missing
             .iter()
-            .map(|t| {
-                let normalized = tokenizer.normalize(t).unwrap_or_else(|e| {
+            .map(|&i| {
+                let normalized = tokenizer.normalize(&texts[i]).unwrap_or_else(|e| {
                     error(
                         PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
                         format!("rsclip: {e}"),
@@ -201,10 +215,19 @@ fn cached_texts(namespace: pg_sys::Oid, texts: &[String]) -> Vec<Vec<f32>> {
             })
             .collect()
     });
-    cache::resolve(namespace, &keys, &mut |positions| {
-        let subset: Vec<String> = positions.iter().map(|&p| texts[p].clone()).collect();
+    let found = cache::resolve(namespace, &keys, &mut |positions| {
+        let subset: Vec<String> = positions
+            .iter()
+            .map(|&p| texts[missing[p]].clone())
+            .collect();
         encode_texts(&subset)
-    })
+    });
+    let missing_raw: Vec<Key> = missing.iter().map(|&i| raw_keys[i]).collect();
+    cache::lru_remember(&missing_raw, &found);
+    for (&i, v) in missing.iter().zip(found) {
+        out[i] = Some(v);
+    }
+    out.into_iter().map(|v| v.expect("filled")).collect()
 }
 
 pub(crate) fn encode_texts(texts: &[String]) -> Vec<Vec<f32>> {
