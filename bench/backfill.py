@@ -16,24 +16,16 @@ Target: backfill >= 0.9x bare. Runs on the server's rsclip.model_path unless --m
 """
 import argparse
 import json
-import struct
+import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import psycopg
 
-
-def png(pixels):
-    h, w, _ = pixels.shape
-    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from demo import png  # noqa: E402  (the same plain RGB PNG writer)
 
 
 def images(n, size, seed):

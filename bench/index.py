@@ -214,7 +214,7 @@ def main():
     stem = RESULTS / f"index-{a.rows}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, stem.with_suffix(".png"))
-    print(f"\nwrote {stem}.json and {stem}.png")
+    print(f"\nwrote {stem.relative_to(RESULTS.parent.parent)}.json and .png")
 
 
 if __name__ == "__main__":

@@ -204,14 +204,7 @@ pub unsafe extern "C-unwind" fn amgettuple(
                 .expect("started above")
                 .next(&rel, &mut |_| Some(0.0));
             return match next {
-                Ok(Some((tid, _))) => {
-                    (*scan).xs_heaptid = item_pointer(tid);
-                    (*scan).xs_recheck = false;
-                    (*scan).xs_recheckorderby = false;
-                    *(*scan).xs_orderbyvals = pg_sys::Datum::from(0usize);
-                    *(*scan).xs_orderbynulls = true;
-                    true
-                }
+                Ok(Some((tid, _))) => return_row(scan, tid, None),
                 Ok(None) => false,
                 Err(e) => raise(index, e),
             };
@@ -255,18 +248,29 @@ pub unsafe extern "C-unwind" fn amgettuple(
             .expect("started above")
             .next(&rel, &mut rerank);
         match next {
-            Ok(Some((tid, distance))) => {
-                (*scan).xs_heaptid = item_pointer(tid);
-                (*scan).xs_recheck = false;
-                (*scan).xs_recheckorderby = false;
-                *(*scan).xs_orderbyvals = pg_sys::Datum::from((distance as f64).to_bits());
-                *(*scan).xs_orderbynulls = false;
-                true
-            }
+            Ok(Some((tid, distance))) => return_row(scan, tid, Some(distance)),
             Ok(None) => false,
             Err(e) => raise(index, e),
         }
     }
+}
+
+/// Hands `tid` to the executor with its exact distance (None: NULL, for a NULL query); the
+/// order needs no recheck. Returns true, as amgettuple does when it has a row.
+///
+/// # Safety
+/// `scan` is a live descriptor whose ORDER BY arrays ambeginscan allocated.
+unsafe fn return_row(scan: pg_sys::IndexScanDesc, tid: Tid, distance: Option<f32>) -> bool {
+    // SAFETY: (caller) the descriptor and its one-element ORDER BY arrays are ours to fill.
+    unsafe {
+        (*scan).xs_heaptid = item_pointer(tid);
+        (*scan).xs_recheck = false;
+        (*scan).xs_recheckorderby = false;
+        *(*scan).xs_orderbyvals =
+            pg_sys::Datum::from(distance.map_or(0u64, |d| (d as f64).to_bits()));
+        *(*scan).xs_orderbynulls = distance.is_none();
+    }
+    true
 }
 
 #[pgrx::pg_guard]
