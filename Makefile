@@ -7,7 +7,7 @@ PY := $(ENV) "$$RSCLIP_VENV/bin/python"
 ITEST_PORT := $(shell echo $$((55400 + $(PG))))
 FUZZ_SECONDS ?= 30
 
-.PHONY: setup build install lint unit pgtest itest test server stop demo bench bench-index bench-cache bench-backfill bench-encode export-env fuzz fixture clean
+.PHONY: setup build install lint unit pgtest itest test server stop demo bench bench-index bench-cache bench-backfill bench-encode base-model export-env fuzz fixture clean
 
 setup:
 	@bash tools/setup.sh
@@ -60,6 +60,9 @@ ROWS ?= 100000
 BENCH_SHARED_BUFFERS ?= 4GB
 BENCH_MWM ?= 2GB
 BACKFILL_ROWS ?= 10000
+BACKFILL_MODEL ?= fixture
+BACKFILL_BATCH ?= 32
+BACKFILL_THREADS ?= 1
 bench: install
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
 	@$(PY) bench/exact_search.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS)
@@ -77,19 +80,26 @@ bench-cache: install
 	@$(PY) bench/cache.py --uri postgresql://postgres@127.0.0.1:55518/postgres
 
 # Backfill throughput: rsclip_backfill vs bare batched session.run vs per-row UPDATE.
-bench-backfill: install
+# BACKFILL_MODEL=git-rsclip-base runs it on the real architecture (random weights), e.g.
+#   make bench-backfill BACKFILL_MODEL=git-rsclip-base BACKFILL_ROWS=1000 BACKFILL_BATCH=16 BACKFILL_THREADS=2
+bench-backfill: install $(if $(filter git-rsclip-base,$(BACKFILL_MODEL)),base-model)
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
-	@$(PY) bench/backfill.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(BACKFILL_ROWS)
+	@$(PY) bench/backfill.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(BACKFILL_ROWS) \
+	  --batch $(BACKFILL_BATCH) --threads $(BACKFILL_THREADS) \
+	  $(if $(filter git-rsclip-base,$(BACKFILL_MODEL)),--model-path "$$RSCLIP_LOCAL/models/git-rsclip-base-random")
 
 # Encoding throughput: rsclip vs a Python pipeline vs bare ONNX Runtime, on the fixture and on
 # the git-rsclip-base architecture with random weights (exported on first use, not committed).
 EXPORT_PY := "$$RSCLIP_LOCAL/venv-export/bin/python"
-bench-encode: install export-env
+bench-encode: install base-model
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 >/dev/null
 	@$(ENV) $(EXPORT_PY) bench/encode.py --uri postgresql://postgres@127.0.0.1:55518/postgres --model-dir "$$RSCLIP_LOCAL/models/tiny-siglip" --images 64
+	@$(ENV) $(EXPORT_PY) bench/encode.py --uri postgresql://postgres@127.0.0.1:55518/postgres --model-dir "$$RSCLIP_LOCAL/models/git-rsclip-base-random" --images 16 --texts 32 --batches 1,8
+
+# The git-rsclip-base architecture with random weights (no hub here), exported once into local/.
+base-model: export-env
 	@$(ENV) [ -f "$$RSCLIP_LOCAL/models/git-rsclip-base-random/rsclip.json" ] || \
 	  $(EXPORT_PY) tools/export_model.py --random-weights git-rsclip-base --out "$$RSCLIP_LOCAL/models/git-rsclip-base-random"
-	@$(ENV) $(EXPORT_PY) bench/encode.py --uri postgresql://postgres@127.0.0.1:55518/postgres --model-dir "$$RSCLIP_LOCAL/models/git-rsclip-base-random" --images 16 --texts 32 --batches 1,8
 
 export-env:
 	@$(ENV) [ -x "$$RSCLIP_LOCAL/venv-export/bin/python" ] && \

@@ -8,7 +8,8 @@ and measures rows/s of:
              `--threads` intra-op threads: the limit (no decoding, no database)
   backfill   CALL rsclip_backfill(..., batch_size => --batch) with rsclip.intra_op_threads =
              --threads (decoding PNGs inside the server, writing and committing every batch)
-  per-row    UPDATE t SET emb = rsclip_encode_image(img) on a tenth of the rows (default settings)
+  per-row    UPDATE t SET emb = rsclip_encode_image(img) on a tenth of the rows (same session and
+             rsclip.intra_op_threads, result cache off)
 Target: backfill >= 0.9x bare. Runs on the server's rsclip.model_path unless --model-path is given
 (e.g. the git-rsclip-base random-weight export of `make bench-encode`).
 
@@ -83,6 +84,7 @@ def main():
                 cp.write_row((i, png(p)))
         c.execute("VACUUM ANALYZE bench_backfill")
         c.execute(f"SET rsclip.intra_op_threads = {a.threads}")
+        c.execute("SET rsclip.cache = off")  # the per-row pipeline must encode, not hit earlier runs' rows
         c.execute("SELECT rsclip_encode_image(img) FROM bench_backfill LIMIT 1")  # load the session
         t = time.perf_counter()
         c.execute("CALL rsclip_backfill('bench_backfill', 'img', 'emb', %s)", (a.batch,))

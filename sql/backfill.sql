@@ -38,8 +38,16 @@ CREATE TABLE rsclip_backfill_error_log (
 );
 CREATE INDEX rsclip_backfill_error_log_tbl ON rsclip_backfill_error_log (tbl, row_ctid);
 REVOKE ALL ON rsclip_backfill_error_log FROM PUBLIC;
+-- The procedure runs with the caller's rights and logs the rows it could not embed: anyone may
+-- insert, but only for a table whose columns the current role may update (the check runs as the
+-- inserting role, so SET ROLE and SECURITY DEFINER callers are judged by their current role).
+-- Reading goes through the rsclip_backfill_errors view.
+GRANT INSERT ON rsclip_backfill_error_log TO PUBLIC;
+ALTER TABLE rsclip_backfill_error_log ENABLE ROW LEVEL SECURITY;
+CREATE POLICY rsclip_backfill_error_log_insert ON rsclip_backfill_error_log FOR INSERT TO PUBLIC
+    WITH CHECK (pg_catalog.has_any_column_privilege(tbl, 'UPDATE'));
 
--- Each role sees the rows of the tables it may read.
+-- Each role sees the rows of the tables it may read (has_table_privilege runs as the reader).
 CREATE VIEW rsclip_backfill_errors AS
     SELECT e.tbl::regclass AS tbl, e.row_ctid, e.row_key, e.message, e.at
     FROM @extschema@.rsclip_backfill_error_log e
@@ -58,8 +66,8 @@ CREATE VIEW rsclip_backfill_progress AS
     WHERE pg_catalog.has_table_privilege(s.tbl, 'SELECT');
 GRANT SELECT ON rsclip_backfill_progress TO PUBLIC;
 
--- Bookkeeping for the procedure (SECURITY DEFINER: the tables above are private). Each only
--- touches the calling backend's own state row, or logs for a table the caller may update.
+-- Progress bookkeeping for the procedure (SECURITY DEFINER: the state table is private). It only
+-- touches the calling backend's own state row.
 CREATE FUNCTION rsclip_backfill_report(tbl oid, src name, dst name, kind text, batch_size int,
                                        rows_total bigint, rows_done bigint, rows_failed bigint, finished boolean)
     RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -83,30 +91,12 @@ BEGIN
             started = CASE WHEN s.backend_start = excluded.backend_start THEN s.started ELSE excluded.started END,
             backend_start = excluded.backend_start, rows_total = excluded.rows_total,
             batch_size = excluded.batch_size;
-    -- forget backfills whose backend is gone
-    DELETE FROM @extschema@.rsclip_backfill_state s
-    WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.pid AND a.backend_start = s.backend_start);
-END
-$$;
-
-CREATE FUNCTION rsclip_backfill_log_errors(tbl oid, ctids tid[], keys jsonb[], messages text[])
-    RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF NOT has_table_privilege(session_user, tbl, 'UPDATE') THEN
-        RAISE EXCEPTION 'rsclip_backfill: permission denied for table %', tbl::regclass
-            USING ERRCODE = 'insufficient_privilege';
+    IF rsclip_backfill_report.rows_done = 0 THEN
+        -- at the start of a backfill, forget those whose backend is gone (the view hides them)
+        DELETE FROM @extschema@.rsclip_backfill_state s
+        WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.pid AND a.backend_start = s.backend_start);
     END IF;
-    INSERT INTO @extschema@.rsclip_backfill_error_log (tbl, row_ctid, row_key, message)
-    SELECT rsclip_backfill_log_errors.tbl, c, k, m FROM ROWS FROM (unnest(ctids), unnest(keys), unnest(messages)) AS u(c, k, m);
 END
-$$;
-
-CREATE FUNCTION rsclip_backfill_failed_rows(tbl oid) RETURNS tid[]
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT coalesce(array_agg(DISTINCT e.row_ctid), '{}')
-    FROM @extschema@.rsclip_backfill_error_log e WHERE e.tbl = rsclip_backfill_failed_rows.tbl
 $$;
 
 CREATE FUNCTION rsclip_backfill_encode(inputs bytea[], kind text, prefetch bytea[],
@@ -153,6 +143,7 @@ DECLARE
     t0 timestamptz;
     started timestamptz := clock_timestamp();
     last_notice timestamptz := clock_timestamp();
+    last_report timestamptz := clock_timestamp();
     i int;
     n int;
 BEGIN
@@ -213,7 +204,9 @@ BEGIN
                          'FROM ROWS FROM (pg_catalog.unnest($1::tid[]), pg_catalog.unnest($2::@extschema@.embedding[])) '
                          'AS rsclip_u(c, e) WHERE rsclip_t.ctid = rsclip_u.c AND rsclip_u.e IS NOT NULL', tbl, dst);
 
-    failed_rows := @extschema@.rsclip_backfill_failed_rows(tbl);
+    -- rows that failed before (until they change), as far as this role may see them
+    SELECT coalesce(array_agg(DISTINCT e.row_ctid), '{}') INTO failed_rows
+    FROM @extschema@.rsclip_backfill_errors e WHERE e.tbl = rsclip_backfill.tbl;
     EXECUTE format('SELECT count(*) FROM %s WHERE %I IS NULL AND %I IS NOT NULL AND ctid <> ALL ($1)', tbl, dst, src)
         INTO total USING failed_rows;
 
@@ -290,10 +283,16 @@ BEGIN
                     END LOOP;
                 END IF;
                 IF cardinality(err_ctids) > 0 THEN
-                    PERFORM @extschema@.rsclip_backfill_log_errors(tbl, err_ctids, err_keys, err_msgs);
+                    INSERT INTO @extschema@.rsclip_backfill_error_log (tbl, row_ctid, row_key, message)
+                    SELECT rsclip_backfill.tbl, u.c, u.k, u.m
+                    FROM ROWS FROM (pg_catalog.unnest(err_ctids), pg_catalog.unnest(err_keys), pg_catalog.unnest(err_msgs)) AS u(c, k, m);
                     failed_rows := failed_rows || err_ctids;
                 END IF;
-                PERFORM @extschema@.rsclip_backfill_report(tbl, src, dst, kind, batch, total, done, failed, false);
+                -- the progress row: once a second is plenty (a small model runs many batches a second)
+                IF clock_timestamp() - last_report >= interval '1 second' THEN
+                    last_report := clock_timestamp();
+                    PERFORM @extschema@.rsclip_backfill_report(tbl, src, dst, kind, batch, total, done, failed, false);
+                END IF;
                 IF clock_timestamp() - last_notice >= interval '5 seconds' THEN
                     last_notice := clock_timestamp();
                     RAISE NOTICE 'rsclip_backfill: % of % rows done (% failed), % rows/s, ETA %',

@@ -16,13 +16,39 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 use rsclip_model::decode::decode_rgb8;
 use rsclip_model::runtime::with_signals_blocked;
 use std::cell::RefCell;
-use std::collections::HashMap;
 
-/// Pixel tensors (or decode errors) of the images passed as `prefetch`, by sha256 of the bytes.
-type Decoded = Result<Vec<f32>, String>;
+pub(crate) type Decoded = Result<Vec<f32>, String>;
 
 thread_local! {
-    static PREFETCHED: RefCell<HashMap<[u8; 32], Decoded>> = RefCell::new(HashMap::new());
+    /// The images passed as `prefetch` (a copy of their bytes) and their pixel tensors or decode
+    /// errors, in order. The next call's inputs are those rows minus any another backfill took
+    /// meanwhile, in the same order, so they are matched by a forward walk comparing bytes (no
+    /// hashing; a mismatch only means decoding again).
+    static PREFETCHED: RefCell<Vec<(Vec<u8>, Decoded)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Takes the prefetched results for `images` (None where there is none).
+fn take_prefetched(images: &[&[u8]]) -> Vec<Option<Decoded>> {
+    match_prefetched(PREFETCHED.take(), images)
+}
+
+/// The entries of `prefetched` whose bytes equal each of `images`, matched in order.
+pub(crate) fn match_prefetched(
+    prefetched: Vec<(Vec<u8>, Decoded)>,
+    images: &[&[u8]],
+) -> Vec<Option<Decoded>> {
+    let mut prefetched: Vec<Option<(Vec<u8>, Decoded)>> =
+        prefetched.into_iter().map(Some).collect();
+    let mut next = 0;
+    images
+        .iter()
+        .map(|bytes| {
+            let at = (next..prefetched.len())
+                .find(|&j| matches!(&prefetched[j], Some((b, _)) if b.as_slice() == *bytes))?;
+            next = at + 1;
+            prefetched[at].take().map(|(_, d)| d)
+        })
+        .collect()
 }
 
 /// Decodes `images` on up to `threads` threads (no Postgres calls).
@@ -60,10 +86,7 @@ fn encode_image_batch(
     prefetch: &[&[u8]],
 ) -> Vec<(Option<Vec<f32>>, Option<String>)> {
     let threads = settings::INTRA_OP_THREADS.get().max(1) as usize;
-    let keys: Vec<[u8; 32]> = images.iter().map(|b| crate::cache::sha256(b)).collect();
-    let mut decoded: Vec<Option<Decoded>> =
-        PREFETCHED.with_borrow_mut(|p| keys.iter().map(|k| p.remove(k)).collect());
-    PREFETCHED.with_borrow_mut(|p| p.clear());
+    let mut decoded = take_prefetched(images);
     let (pre, dim) =
         model::with_model(|l, _| (l.preprocessing.clone(), l.model.manifest.embedding_dim));
     let opts = image_decode_options(pre.image_size);
@@ -85,7 +108,6 @@ fn encode_image_batch(
             pixels.extend_from_slice(t);
         }
     }
-    let prefetch_keys: Vec<[u8; 32]> = prefetch.iter().map(|b| crate::cache::sha256(b)).collect();
     // Inference of this batch on this thread while the next batch decodes on the others.
     let (embeddings, next) = with_signals_blocked(|| {
         std::thread::scope(|s| {
@@ -105,7 +127,7 @@ fn encode_image_batch(
         })
     });
     let embeddings = embeddings.unwrap_or_else(|e| model::raise_runtime(e));
-    PREFETCHED.with_borrow_mut(|p| p.extend(prefetch_keys.into_iter().zip(next)));
+    PREFETCHED.set(prefetch.iter().map(|b| b.to_vec()).zip(next).collect());
     let mut out: Vec<(Option<Vec<f32>>, Option<String>)> = decoded
         .into_iter()
         .map(|d| match d {

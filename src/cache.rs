@@ -12,7 +12,9 @@
 //! impossible or harmful: read-only transactions, hot standbys, parallel mode, and serializable
 //! transactions (where shared cache rows would add serialization failures between unrelated
 //! transactions). Table hits bump `hits`/`last_used` on rows nobody else has locked
-//! (`SKIP LOCKED`), so a popular entry never makes backends wait for each other.
+//! (`SKIP LOCKED`), so a popular entry never makes backends wait for each other, and at most
+//! once a minute per row (the first hit at once): a backend counts further hits in memory and
+//! adds them with its next write to that row, so a hot entry is not rewritten on every lookup.
 
 use crate::fmgr::error;
 use crate::settings;
@@ -92,7 +94,15 @@ struct State {
     lru: Lru<Key, Box<[f32]>>,
     counters: Counters,
     plans: Option<Plans>,
+    /// Table hits not yet added to their rows' `hits` (see the module comment).
+    pending_hits: HashMap<Key, i64>,
 }
+
+/// Hits a row may have written to it at most this often (besides its first).
+const TOUCH_INTERVAL: &str = "1 minute";
+/// Bound on the entries with unwritten hits a backend keeps; beyond it new ones are not
+/// counted (the counter is a statistic, the cache itself is unaffected).
+const MAX_PENDING_HITS: usize = 16384;
 
 thread_local! {
     static STATE: RefCell<State> = RefCell::new(State::default());
@@ -255,9 +265,14 @@ fn plans(
     let bytea = pg_sys::BYTEAOID;
     let text = pg_sys::TEXTOID;
     let bytea_array = pg_sys::BYTEAARRAYOID;
+    let int8_array = pg_sys::INT8ARRAYOID;
+    // The third column says whether the row's hit counter is due for a write.
     let lookup = prepare(
         &format!(
-            "SELECT input_sha256, embedding FROM {name} \
+            "SELECT input_sha256, embedding, \
+                    (hits {eq} 0 OR last_used OPERATOR(pg_catalog.<) \
+                     (pg_catalog.now() OPERATOR(pg_catalog.-) pg_catalog.interval '{TOUCH_INTERVAL}')) \
+             FROM {name} \
              WHERE model {eq} $1 AND kind {eq} $2 AND input_sha256 {eq} ANY ($3)"
         ),
         &[bytea, text, bytea_array],
@@ -273,12 +288,16 @@ fn plans(
     );
     let touch = prepare(
         &format!(
-            "UPDATE {name} SET hits = hits OPERATOR(pg_catalog.+) 1, last_used = pg_catalog.now() \
-             WHERE ctid {eq} ANY (ARRAY(SELECT ctid FROM {name} \
-                 WHERE model {eq} $1 AND kind {eq} $2 AND input_sha256 {eq} ANY ($3) \
-                 FOR UPDATE SKIP LOCKED))"
+            "UPDATE {name} AS c SET hits = c.hits OPERATOR(pg_catalog.+) d.n, \
+                 last_used = pg_catalog.now() \
+             FROM (SELECT l.ctid AS t, u.n FROM {name} AS l \
+                   JOIN ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4)) AS u(h, n) \
+                     ON l.input_sha256 {eq} u.h \
+                   WHERE l.model {eq} $1 AND l.kind {eq} $2 \
+                   FOR UPDATE OF l SKIP LOCKED) AS d \
+             WHERE c.ctid {eq} d.t"
         ),
-        &[bytea, text, bytea_array],
+        &[bytea, text, bytea_array, int8_array],
     );
     state.plans = Some(Plans {
         relid: table.relid,
@@ -301,6 +320,21 @@ fn bytea_array(items: &[[u8; 32]]) -> pg_sys::Datum {
             -1,
             false,
             pg_sys::TYPALIGN_INT as std::ffi::c_char,
+        ))
+    }
+}
+
+fn int8_array(items: &[i64]) -> pg_sys::Datum {
+    let mut datums: Vec<pg_sys::Datum> = items.iter().map(|&n| pg_sys::Datum::from(n)).collect();
+    // SAFETY: int8 is pass-by-value on every platform Postgres 15+ supports (8-byte datums).
+    unsafe {
+        pg_sys::Datum::from(pg_sys::construct_array(
+            datums.as_mut_ptr(),
+            datums.len() as i32,
+            pg_sys::INT8OID,
+            8,
+            true,
+            pg_sys::TYPALIGN_DOUBLE as std::ffi::c_char,
         ))
     }
 }
@@ -364,8 +398,9 @@ fn table_lookup(
             ];
             execute(lookup, &mut args, true);
             let mut found = HashMap::new();
-            // SAFETY: SPI_tuptable holds SPI_processed rows of (bytea, embedding); the values are
-            // copied out before SPI_finish frees them.
+            let mut due = Vec::new();
+            // SAFETY: SPI_tuptable holds SPI_processed rows of (bytea, embedding, bool); the
+            // values are copied out before SPI_finish frees them.
             unsafe {
                 let table = pg_sys::SPI_tuptable;
                 let n = pg_sys::SPI_processed as usize;
@@ -383,16 +418,44 @@ fn table_lookup(
                             continue;
                         }
                         let v: Box<[f32]> = crate::datum::with(e, |v| v.into());
-                        found.insert(h.try_into().expect("32 bytes"), v);
+                        let h: [u8; 32] = h.try_into().expect("32 bytes");
+                        let d = pg_sys::SPI_getbinval(row, (*table).tupdesc, 3, &mut null);
+                        if !null && d.value() != 0 {
+                            due.push(h);
+                        }
+                        found.insert(h, v);
                     }
                 }
             }
-            if touch_hits && !found.is_empty() {
-                let hits: Vec<[u8; 32]> = found.keys().copied().collect();
+            for input in found.keys() {
+                let key = Key {
+                    model: *model,
+                    kind,
+                    input: *input,
+                };
+                if let Some(n) = state.pending_hits.get_mut(&key) {
+                    *n += 1;
+                } else if state.pending_hits.len() < MAX_PENDING_HITS {
+                    state.pending_hits.insert(key, 1);
+                }
+            }
+            if touch_hits && !due.is_empty() {
+                let counts: Vec<i64> = due
+                    .iter()
+                    .map(|input| {
+                        let key = Key {
+                            model: *model,
+                            kind,
+                            input: *input,
+                        };
+                        state.pending_hits.remove(&key).unwrap_or(1)
+                    })
+                    .collect();
                 let mut args = [
                     crate::fmgr::bytea_datum(model),
                     crate::fmgr::text_datum(kind.name()),
-                    bytea_array(&hits),
+                    bytea_array(&due),
+                    int8_array(&counts),
                 ];
                 execute(touch, &mut args, false);
             }

@@ -117,6 +117,46 @@ def test_bad_arguments_are_clear_errors(dbname):
             c.execute("CALL rsclip_backfill('args', 'img', 'emb', 4)")
 
 
+def test_error_log_is_written_as_the_current_role(dbname):
+    """The procedure runs with the caller's rights: a role that may update the table logs its bad
+    rows; a role that may only read it cannot write log rows for it, even directly, and even when
+    its session user could (SET ROLE)."""
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        make_table(c, "owned_tiles", 4, garbage=GARBAGE[:1])
+        for role in ("rsclip_filler", "rsclip_reader"):
+            if c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                c.execute(f"DROP OWNED BY {role}")  # left by an interrupted earlier run
+                c.execute(f"DROP ROLE {role}")
+            c.execute(f"CREATE ROLE {role}")
+        c.execute("GRANT SELECT, UPDATE ON owned_tiles TO rsclip_filler")
+        c.execute("GRANT SELECT ON owned_tiles TO rsclip_reader")
+        try:
+            c.execute("SET ROLE rsclip_reader")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("CALL rsclip_backfill('owned_tiles', 'img', 'emb', 2)")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("INSERT INTO rsclip_backfill_error_log (tbl, row_ctid, message) "
+                          "VALUES ('owned_tiles'::regclass, '(0,1)', 'forged')")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT * FROM rsclip_backfill_error_log")
+            c.execute("RESET ROLE")
+            c.execute("SET ROLE rsclip_filler")
+            c.execute("CALL rsclip_backfill('owned_tiles', 'img', 'emb', 2)")
+            c.execute("RESET ROLE")
+            assert c.execute("SELECT count(emb) FROM owned_tiles").fetchone()[0] == 4
+            c.execute("SET ROLE rsclip_reader")
+            logged = c.execute("SELECT row_key->>'id', message FROM rsclip_backfill_errors "
+                               "WHERE tbl = 'owned_tiles'::regclass").fetchall()
+            assert [r[0] for r in logged] == ["4"] and "forged" not in logged[0][1], logged
+            c.execute("RESET ROLE")
+        finally:
+            c.execute("RESET ROLE")
+            c.execute("DROP TABLE owned_tiles")
+            for role in ("rsclip_filler", "rsclip_reader"):
+                c.execute(f"DROP OWNED BY {role}")
+                c.execute(f"DROP ROLE {role}")
+
+
 def test_concurrent_backfills_share_the_rows(dbname):
     with psycopg.connect(uri_for(dbname), autocommit=True) as c:
         make_table(c, "shared", 400, slow_ms=1)

@@ -192,6 +192,32 @@ def test_settings_images_and_lru_size(dbname):
         assert stats(c)["lru_entries"] == 2
 
 
+def test_hot_entry_is_not_rewritten_on_every_hit(dbname):
+    """A row's hit counter is written at its first hit, then at most once a minute: the hits in
+    between are counted in the backend and added with its next write."""
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        encode_text(c, "hot entry")
+        sha = c.execute("SELECT input_sha256 FROM rsclip_cache WHERE kind = 'text' ORDER BY created DESC LIMIT 1").fetchone()[0]
+        c.execute("SET rsclip.cache_lru_size = 0")  # every call a table hit
+        updates_before = c.execute(
+            "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'rsclip_cache'::regclass").fetchone()[0]
+        for _ in range(200):
+            encode_text(c, "hot entry")
+        assert stats(c)["table_hits"] == 200
+        key = "kind = 'text' AND input_sha256 = %s"
+        assert c.execute(f"SELECT hits FROM rsclip_cache WHERE {key}", (sha,)).fetchall() == [(1,)]
+        c.execute("SELECT pg_stat_force_next_flush()")  # publish this backend's table counters
+        with psycopg.connect(uri_for(dbname), autocommit=True) as other:
+            updates = other.execute(
+                "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'rsclip_cache'::regclass").fetchone()[0]
+        assert updates - updates_before <= 1, (updates_before, updates)
+        # a minute later (simulated), the next hit writes the 199 counted meanwhile plus itself
+        c.execute(f"UPDATE rsclip_cache SET last_used = now() - interval '2 minutes' WHERE {key}", (sha,))
+        encode_text(c, "hot entry")
+        assert c.execute(f"SELECT hits, last_used > now() - interval '1 minute' FROM rsclip_cache WHERE {key}",
+                         (sha,)).fetchall() == [(201, True)]
+
+
 def test_prune(dbname):
     with psycopg.connect(uri_for(dbname), autocommit=True) as c:
         for t in ("prune one", "prune two", "prune three"):
