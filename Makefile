@@ -63,6 +63,7 @@ BACKFILL_ROWS ?= 10000
 BACKFILL_MODEL ?= fixture
 BACKFILL_BATCH ?= 32
 BACKFILL_THREADS ?= 1
+BACKFILL_REPEAT ?= 3
 bench: install
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
 	@$(PY) bench/exact_search.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS)
@@ -81,11 +82,11 @@ bench-cache: install
 
 # Backfill throughput: rsclip_backfill vs bare batched session.run vs per-row UPDATE.
 # BACKFILL_MODEL=git-rsclip-base runs it on the real architecture (random weights), e.g.
-#   make bench-backfill BACKFILL_MODEL=git-rsclip-base BACKFILL_ROWS=1000 BACKFILL_BATCH=16 BACKFILL_THREADS=2
+#   make bench-backfill BACKFILL_MODEL=git-rsclip-base BACKFILL_ROWS=1000 BACKFILL_BATCH=16 BACKFILL_THREADS=2 BACKFILL_REPEAT=1
 bench-backfill: install $(if $(filter git-rsclip-base,$(BACKFILL_MODEL)),base-model)
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
 	@$(PY) bench/backfill.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(BACKFILL_ROWS) \
-	  --batch $(BACKFILL_BATCH) --threads $(BACKFILL_THREADS) \
+	  --batch $(BACKFILL_BATCH) --threads $(BACKFILL_THREADS) --repeat $(BACKFILL_REPEAT) \
 	  $(if $(filter git-rsclip-base,$(BACKFILL_MODEL)),--model-path "$$RSCLIP_LOCAL/models/git-rsclip-base-random")
 
 # Encoding throughput: rsclip vs a Python pipeline vs bare ONNX Runtime, on the fixture and on
