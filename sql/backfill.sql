@@ -139,6 +139,8 @@ DECLARE
     err_msgs text[];
     sample bytea[];
     best_rate float8;
+    row_bytes float8;
+    max_batch int;
     rate float8;
     t0 timestamptz;
     started timestamptz := clock_timestamp();
@@ -213,9 +215,19 @@ BEGIN
     IF batch IS NULL THEN
         -- Probe: the batch size with the best rows/s on up to 32 of the rows to fill (after a
         -- warm-up that loads the model), doubling from 1 while throughput still improves by 5%.
-        EXECUTE format('SELECT array_agg(s) FROM (SELECT %s AS s FROM %s WHERE %I IS NULL AND %I IS NOT NULL LIMIT 32) q',
-                       src_expr, tbl, dst, src) INTO sample;
-        batch := 8;
+        -- Memory bounds it: a batch's inputs (their stored size) and pixel tensors must fit in
+        -- maintenance_work_mem (the model's activations grow with the batch too).
+        EXECUTE format('SELECT avg(pg_catalog.pg_column_size(%I)) FROM (SELECT %I FROM %s WHERE %I IS NULL AND %I IS NOT NULL LIMIT 32) q',
+                       src, src, tbl, dst, src) INTO row_bytes;
+        row_bytes := coalesce(row_bytes, 0);
+        IF kind = 'image' THEN
+            row_bytes := row_bytes + 3 * 4 * ((@extschema@.rsclip_model_info()->>'image_size')::float8 ^ 2);
+        END IF;
+        max_batch := greatest(1, least(256, floor(pg_catalog.pg_size_bytes(current_setting('maintenance_work_mem'))
+                                                  / greatest(row_bytes, 1))))::int;
+        EXECUTE format('SELECT array_agg(s) FROM (SELECT %s AS s FROM %s WHERE %I IS NULL AND %I IS NOT NULL LIMIT $1) q',
+                       src_expr, tbl, dst, src) INTO sample USING least(32, max_batch);
+        batch := least(8, max_batch);
         IF cardinality(sample) > 0 THEN
             PERFORM @extschema@.rsclip_backfill_encode(sample[1:1], kind, '{}');
             best_rate := 0;
@@ -230,10 +242,10 @@ BEGIN
                 n := n * 2;
             END LOOP;
             IF batch = cardinality(sample) THEN
-                batch := least(batch * 2, 256);  -- still improving at the largest size tried
+                batch := least(batch * 2, max_batch);  -- still improving at the largest size tried
             END IF;
         END IF;
-        RAISE NOTICE 'rsclip_backfill: batch size % (probed)', batch;
+        RAISE NOTICE 'rsclip_backfill: batch size % (probed; at most % within maintenance_work_mem)', batch, max_batch;
     END IF;
     PERFORM @extschema@.rsclip_backfill_report(tbl, src, dst, kind, batch, total, 0, 0, false);
     COMMIT;

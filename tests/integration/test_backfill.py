@@ -89,11 +89,29 @@ def test_text_kind_and_probed_batch_size(dbname):
             cur.executemany("INSERT INTO captions (id, caption) VALUES (%s, %s)", list(enumerate(texts)))
         c.add_notice_handler(lambda d: notices.append(d.message_primary))
         c.execute("CALL rsclip_backfill('captions', 'caption', 'emb', kind => 'text')")
-        probed = [n for n in notices if "(probed)" in n]
+        probed = [n for n in notices if "(probed;" in n]
         assert probed and 1 <= int(probed[0].split()[3]) <= 256, notices
         c.execute("SET rsclip.cache = off")
         bad = c.execute("SELECT count(*) FROM captions WHERE emb IS NULL OR emb::text <> rsclip_encode_text(caption)::text").fetchone()[0]
         assert bad == 0
+
+
+def test_probed_batch_size_is_bounded_by_maintenance_work_mem(dbname):
+    notices = []
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        make_table(c, "probe_tiles", 40)
+        size = c.execute("SELECT (rsclip_model_info()->>'image_size')::int").fetchone()[0]
+        stored = c.execute("SELECT avg(pg_column_size(img)) FROM (SELECT img FROM probe_tiles LIMIT 32) q").fetchone()[0]
+        c.add_notice_handler(lambda d: notices.append(d.message_primary))
+        c.execute("SET maintenance_work_mem = '1MB'")
+        c.execute("CALL rsclip_backfill('probe_tiles', 'img', 'emb')")
+        probed = [n for n in notices if "(probed;" in n]
+        assert probed, notices
+        words = probed[0].split()
+        batch, bound = int(words[3]), int(words[7])
+        assert bound == max(1, min(256, int(1024 * 1024 // (float(stored) + 12 * size * size)))), (bound, stored, size)
+        assert 1 <= batch <= bound < 32, probed
+        assert c.execute("SELECT count(*) FROM probe_tiles WHERE emb IS NULL").fetchone()[0] == 0
 
 
 def test_bad_arguments_are_clear_errors(dbname):
