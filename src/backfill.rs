@@ -17,7 +17,7 @@ use rsclip_model::decode::decode_rgb8;
 use rsclip_model::runtime::with_signals_blocked;
 use std::cell::RefCell;
 
-pub(crate) type Decoded = Result<Vec<f32>, String>;
+type Decoded = Result<Vec<f32>, String>;
 
 thread_local! {
     /// The images passed as `prefetch` (a copy of their bytes) and their pixel tensors or decode
@@ -29,26 +29,7 @@ thread_local! {
 
 /// Takes the prefetched results for `images` (None where there is none).
 fn take_prefetched(images: &[&[u8]]) -> Vec<Option<Decoded>> {
-    match_prefetched(PREFETCHED.take(), images)
-}
-
-/// The entries of `prefetched` whose bytes equal each of `images`, matched in order.
-pub(crate) fn match_prefetched(
-    prefetched: Vec<(Vec<u8>, Decoded)>,
-    images: &[&[u8]],
-) -> Vec<Option<Decoded>> {
-    let mut prefetched: Vec<Option<(Vec<u8>, Decoded)>> =
-        prefetched.into_iter().map(Some).collect();
-    let mut next = 0;
-    images
-        .iter()
-        .map(|bytes| {
-            let at = (next..prefetched.len())
-                .find(|&j| matches!(&prefetched[j], Some((b, _)) if b.as_slice() == *bytes))?;
-            next = at + 1;
-            prefetched[at].take().map(|(_, d)| d)
-        })
-        .collect()
+    rsclip_core::in_order::take_in_order(PREFETCHED.take(), images)
 }
 
 /// Decodes `images` on up to `threads` threads (no Postgres calls).
@@ -180,31 +161,12 @@ unsafe fn result_row(
 }
 
 fn text_array(items: &[Option<String>]) -> pg_sys::Datum {
-    let mut datums: Vec<pg_sys::Datum> = items
+    let values: Vec<Option<pg_sys::Datum>> = items
         .iter()
-        .map(|s| {
-            s.as_deref()
-                .map(crate::fmgr::text_datum)
-                .unwrap_or(pg_sys::Datum::from(0usize))
-        })
+        .map(|s| s.as_deref().map(crate::fmgr::text_datum))
         .collect();
-    let mut nulls: Vec<bool> = items.iter().map(|s| s.is_none()).collect();
-    let mut dims = [items.len() as i32];
-    let mut lbs = [1];
-    // SAFETY: construct_md_array copies the text datums; NULL elements are flagged.
-    unsafe {
-        pg_sys::Datum::from(pg_sys::construct_md_array(
-            datums.as_mut_ptr(),
-            nulls.as_mut_ptr(),
-            if items.is_empty() { 0 } else { 1 },
-            dims.as_mut_ptr(),
-            lbs.as_mut_ptr(),
-            pg_sys::TEXTOID,
-            -1,
-            false,
-            pg_sys::TYPALIGN_INT as std::ffi::c_char,
-        ))
-    }
+    // SAFETY: text datums.
+    unsafe { crate::fmgr::array_datum(pg_sys::TEXTOID, &values, 1) }
 }
 
 /// The non-NULL elements of a bytea[] or text[] argument, with their positions.

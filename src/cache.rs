@@ -309,59 +309,30 @@ fn plans(
 }
 
 fn bytea_array(items: &[[u8; 32]]) -> pg_sys::Datum {
-    let mut datums: Vec<pg_sys::Datum> =
-        items.iter().map(|h| crate::fmgr::bytea_datum(h)).collect();
-    // SAFETY: construct_array copies the varlena datums into a new bytea[] in the current context.
-    unsafe {
-        pg_sys::Datum::from(pg_sys::construct_array(
-            datums.as_mut_ptr(),
-            datums.len() as i32,
-            pg_sys::BYTEAOID,
-            -1,
-            false,
-            pg_sys::TYPALIGN_INT as std::ffi::c_char,
-        ))
-    }
+    let values: Vec<Option<pg_sys::Datum>> = items
+        .iter()
+        .map(|h| Some(crate::fmgr::bytea_datum(h)))
+        .collect();
+    // SAFETY: bytea datums.
+    unsafe { crate::fmgr::array_datum(pg_sys::BYTEAOID, &values, 1) }
 }
 
 fn int8_array(items: &[i64]) -> pg_sys::Datum {
-    let mut datums: Vec<pg_sys::Datum> = items.iter().map(|&n| pg_sys::Datum::from(n)).collect();
-    // SAFETY: int8 is pass-by-value on every platform Postgres 15+ supports (8-byte datums).
-    unsafe {
-        pg_sys::Datum::from(pg_sys::construct_array(
-            datums.as_mut_ptr(),
-            datums.len() as i32,
-            pg_sys::INT8OID,
-            8,
-            true,
-            pg_sys::TYPALIGN_DOUBLE as std::ffi::c_char,
-        ))
-    }
+    let values: Vec<Option<pg_sys::Datum>> = items
+        .iter()
+        .map(|&n| Some(pg_sys::Datum::from(n)))
+        .collect();
+    // SAFETY: int8 datums (by value).
+    unsafe { crate::fmgr::array_datum(pg_sys::INT8OID, &values, 1) }
 }
 
 fn embedding_array(type_oid: pg_sys::Oid, vectors: &[&[f32]]) -> pg_sys::Datum {
-    // SAFETY: get_typlenbyvalalign reads the element type of the table's own column.
-    let (elem, len, byval, align) = unsafe {
-        let elem = pg_sys::get_element_type(type_oid);
-        let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
-        pg_sys::get_typlenbyvalalign(elem, &mut len, &mut byval, &mut align);
-        (elem, len, byval, align)
-    };
-    let mut datums: Vec<pg_sys::Datum> = vectors
+    let values: Vec<Option<pg_sys::Datum>> = vectors
         .iter()
-        .map(|v| crate::datum::from_slice(v))
+        .map(|v| Some(crate::datum::from_slice(v)))
         .collect();
-    // SAFETY: as above, with the element type's own storage properties.
-    unsafe {
-        pg_sys::Datum::from(pg_sys::construct_array(
-            datums.as_mut_ptr(),
-            datums.len() as i32,
-            elem,
-            len as i32,
-            byval,
-            align,
-        ))
-    }
+    // SAFETY: embedding datums of the element type of the table's own embedding[] type.
+    unsafe { crate::fmgr::array_datum(pg_sys::get_element_type(type_oid), &values, 1) }
 }
 
 /// Runs a kept plan; returns the SPI status.
@@ -427,12 +398,13 @@ fn table_lookup(
                     }
                 }
             }
+            let key_of = |input: &[u8; 32]| Key {
+                model: *model,
+                kind,
+                input: *input,
+            };
             for input in found.keys() {
-                let key = Key {
-                    model: *model,
-                    kind,
-                    input: *input,
-                };
+                let key = key_of(input);
                 if let Some(n) = state.pending_hits.get_mut(&key) {
                     *n += 1;
                 } else if state.pending_hits.len() < MAX_PENDING_HITS {
@@ -442,14 +414,7 @@ fn table_lookup(
             if touch_hits && !due.is_empty() {
                 let counts: Vec<i64> = due
                     .iter()
-                    .map(|input| {
-                        let key = Key {
-                            model: *model,
-                            kind,
-                            input: *input,
-                        };
-                        state.pending_hits.remove(&key).unwrap_or(1)
-                    })
+                    .map(|input| state.pending_hits.remove(&key_of(input)).unwrap_or(1))
                     .collect();
                 let mut args = [
                     crate::fmgr::bytea_datum(model),

@@ -374,7 +374,7 @@ unsafe fn embedding_array_with(
     values: Vec<Option<pg_sys::Datum>>,
     lbound: i32,
 ) -> pg_sys::Datum {
-    // SAFETY: construct_md_array copies the datums.
+    // SAFETY: the element type of the embedding array type; (caller) embedding datums.
     unsafe {
         let elem_type = pg_sys::get_element_type(array_type);
         if elem_type == pg_sys::InvalidOid {
@@ -383,25 +383,7 @@ unsafe fn embedding_array_with(
                 "rsclip: cannot determine the embedding array type",
             );
         }
-        let mut datums: Vec<pg_sys::Datum> = values
-            .iter()
-            .map(|v| v.unwrap_or(pg_sys::Datum::from(0usize)))
-            .collect();
-        let mut nulls: Vec<bool> = values.iter().map(|v| v.is_none()).collect();
-        let mut dims = [values.len() as std::ffi::c_int];
-        let mut lbs = [lbound as std::ffi::c_int];
-        let arr = pg_sys::construct_md_array(
-            datums.as_mut_ptr(),
-            nulls.as_mut_ptr(),
-            if values.is_empty() { 0 } else { 1 },
-            dims.as_mut_ptr(),
-            lbs.as_mut_ptr(),
-            elem_type,
-            -1,
-            false,
-            pg_sys::TYPALIGN_INT as std::ffi::c_char,
-        );
-        pg_sys::Datum::from(arr)
+        crate::fmgr::array_datum(elem_type, &values, lbound)
     }
 }
 

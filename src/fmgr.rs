@@ -141,3 +141,39 @@ pub fn bytea_datum(bytes: &[u8]) -> pg_sys::Datum {
         pg_sys::Datum::from(p)
     }
 }
+
+/// A one-dimensional array of `elem_type` holding `values` (NULL where None), its first
+/// subscript `lbound`; empty input gives the empty array.
+///
+/// # Safety
+/// Every datum is a valid value of `elem_type`.
+pub unsafe fn array_datum(
+    elem_type: pg_sys::Oid,
+    values: &[Option<pg_sys::Datum>],
+    lbound: i32,
+) -> pg_sys::Datum {
+    let mut datums: Vec<pg_sys::Datum> = values
+        .iter()
+        .map(|v| v.unwrap_or(pg_sys::Datum::from(0usize)))
+        .collect();
+    let mut nulls: Vec<bool> = values.iter().map(|v| v.is_none()).collect();
+    let mut dims = [values.len() as std::ffi::c_int];
+    let mut lbs = [lbound as std::ffi::c_int];
+    // SAFETY: the element type's storage properties come from the catalog; construct_md_array
+    // copies the datums (guaranteed valid by the caller) and honours the NULL flags.
+    unsafe {
+        let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+        pg_sys::get_typlenbyvalalign(elem_type, &mut len, &mut byval, &mut align);
+        pg_sys::Datum::from(pg_sys::construct_md_array(
+            datums.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+            if values.is_empty() { 0 } else { 1 },
+            dims.as_mut_ptr(),
+            lbs.as_mut_ptr(),
+            elem_type,
+            len as i32,
+            byval,
+            align,
+        ))
+    }
+}

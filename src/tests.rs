@@ -58,43 +58,6 @@ mod tests {
     use super::*;
 
     #[pg_test]
-    fn backfill_prefetch_matching() {
-        use crate::backfill::match_prefetched;
-        let entry = |b: &[u8], v: f32| (b.to_vec(), Ok(vec![v]));
-        let got = |m: Vec<Option<crate::backfill::Decoded>>| -> Vec<Option<f32>> {
-            m.into_iter().map(|d| d.map(|d| d.unwrap()[0])).collect()
-        };
-        let pre = || vec![entry(b"a", 1.0), entry(b"b", 2.0), entry(b"c", 3.0)];
-        // all, in order
-        assert_eq!(
-            got(match_prefetched(pre(), &[b"a", b"b", b"c"])),
-            [Some(1.0), Some(2.0), Some(3.0)]
-        );
-        // a row taken by another backfill in between
-        assert_eq!(
-            got(match_prefetched(pre(), &[b"a", b"c"])),
-            [Some(1.0), Some(3.0)]
-        );
-        // an input never prefetched does not hide the ones after it
-        assert_eq!(
-            got(match_prefetched(pre(), &[b"x", b"b"])),
-            [None, Some(2.0)]
-        );
-        // equal bytes twice: each entry is used once
-        let twice = vec![entry(b"a", 1.0), entry(b"a", 4.0)];
-        assert_eq!(
-            got(match_prefetched(twice, &[b"a", b"a", b"a"])),
-            [Some(1.0), Some(4.0), None]
-        );
-        // out of order: decoded again rather than mismatched
-        assert_eq!(
-            got(match_prefetched(pre(), &[b"c", b"a"])),
-            [Some(3.0), None]
-        );
-        assert_eq!(got(match_prefetched(Vec::new(), &[b"a"])), [None]);
-    }
-
-    #[pg_test]
     fn text_round_trip_and_format() {
         assert_eq!(
             text("SELECT '[1,2.5,-3e-2]'::embedding::text"),
