@@ -4,10 +4,11 @@
 --
 -- Work is claimed with FOR UPDATE SKIP LOCKED over bounded ctid ranges (a TID range scan, so a
 -- claim never rereads the whole table): several backfills of one table (one per backend, one
--- per GPU) share the rows without processing any twice. While a batch runs through the model,
--- the next batch is already claimed and its images decode on other threads; its row locks end
--- with the commit, so they are taken again (SKIP LOCKED) before it is used, and rows another
--- backfill took meanwhile are dropped. Rows whose image cannot be decoded keep a NULL
+-- per GPU) share the rows without processing any twice. Batches are claimed two ahead of the one
+-- being written: while the procedure writes a batch, commits and claims the next, the batch after
+-- it runs through the model on a background thread and the one after that decodes on others.
+-- Row locks end with each commit, so those of the batches ahead are taken again (SKIP LOCKED),
+-- and rows another backfill took meanwhile are dropped. Rows whose image cannot be decoded keep a NULL
 -- destination and are logged in rsclip_backfill_errors; later runs skip them until the row
 -- changes (a new ctid). Progress: a NOTICE every few seconds and the rsclip_backfill_progress
 -- view. The procedure runs with the caller's rights on the table.
@@ -129,9 +130,13 @@ DECLARE
     cur_ctids tid[] := '{}';
     cur_src bytea[] := '{}';
     cur_keys jsonb[] := '{}';
+    ahead_ctids tid[] := '{}';
+    ahead_src bytea[] := '{}';
+    ahead_keys jsonb[] := '{}';
     next_ctids tid[];
     next_src bytea[];
     next_keys jsonb[];
+    kept tid[];
     failed_rows tid[];
     res record;
     err_ctids tid[];
@@ -195,12 +200,13 @@ BEGIN
         '      WHERE ctid > $1 AND ctid < $2 AND %I IS NULL AND %I IS NOT NULL AND ctid <> ALL ($3) '
         '      ORDER BY ctid LIMIT $4 FOR UPDATE SKIP LOCKED) q',
         src_expr, key_expr, tbl, dst, src);
+    -- the ctids only: the procedure still holds their inputs, and a row whose input changed has
+    -- a new ctid (fetching them again would read every image from TOAST twice)
     relock_sql := format(
-        'SELECT coalesce(array_agg(c ORDER BY c), ''{}''), coalesce(array_agg(s ORDER BY c), ''{}''), '
-        '       coalesce(array_agg(k ORDER BY c), ''{}'') '
-        'FROM (SELECT ctid AS c, %s AS s, %s AS k FROM %s '
+        'SELECT coalesce(array_agg(c ORDER BY c), ''{}'') '
+        'FROM (SELECT ctid AS c FROM %s '
         '      WHERE ctid = ANY ($1) AND %I IS NULL AND %I IS NOT NULL FOR UPDATE SKIP LOCKED) q',
-        src_expr, key_expr, tbl, dst, src);
+        tbl, dst, src);
     -- one statement per batch; the join on ctid is a TID scan per row
     update_sql := format('UPDATE %s AS rsclip_t SET %I = rsclip_u.e '
                          'FROM ROWS FROM (pg_catalog.unnest($1::tid[]), pg_catalog.unnest($2::@extschema@.embedding[])) '
@@ -215,8 +221,9 @@ BEGIN
     IF batch IS NULL THEN
         -- Probe: the batch size with the best rows/s on up to 32 of the rows to fill (after a
         -- warm-up that loads the model), doubling from 1 while throughput still improves by 5%.
-        -- Memory bounds it: a batch's inputs (their stored size) and pixel tensors must fit in
-        -- maintenance_work_mem (the model's activations grow with the batch too).
+        -- Memory bounds it: three batches' inputs (their stored size) and pixel tensors must fit
+        -- in maintenance_work_mem, since the two batches after the one being written are decoded
+        -- and encoded meanwhile (the model's activations grow with the batch too).
         EXECUTE format('SELECT avg(pg_catalog.pg_column_size(%I)) FROM (SELECT %I FROM %s WHERE %I IS NULL AND %I IS NOT NULL LIMIT 32) q',
                        src, src, tbl, dst, src) INTO row_bytes;
         row_bytes := coalesce(row_bytes, 0);
@@ -224,7 +231,7 @@ BEGIN
             row_bytes := row_bytes + 3 * 4 * ((@extschema@.rsclip_model_info()->>'image_size')::float8 ^ 2);
         END IF;
         max_batch := greatest(1, least(256, floor(pg_catalog.pg_size_bytes(current_setting('maintenance_work_mem'))
-                                                  / greatest(row_bytes, 1))))::int;
+                                                  / greatest(3 * row_bytes, 1))))::int;
         EXECUTE format('SELECT array_agg(s) FROM (SELECT %s AS s FROM %s WHERE %I IS NULL AND %I IS NOT NULL LIMIT $1) q',
                        src_expr, tbl, dst, src) INTO sample USING least(32, max_batch);
         batch := least(8, max_batch);
@@ -259,6 +266,8 @@ BEGIN
         -- blocks that hold about one batch of rows
         span := greatest(1, ceil(batch * greatest(nblocks, 1)::float8
                                  / greatest((SELECT reltuples FROM pg_catalog.pg_class WHERE oid = tbl), total, 1))::bigint);
+        -- forget batches an interrupted run in this backend handed over
+        PERFORM @extschema@.rsclip_backfill_encode('{}', kind, '{}');
         LOOP
             -- claim the next batch after pos
             next_ctids := '{}';
@@ -276,6 +285,8 @@ BEGIN
                 pos := format('(%s,0)', pos_block)::tid;
             END LOOP;
 
+            -- Each batch is handed over as prefetch when claimed and encoded two iterations
+            -- later, so that it decodes and runs through the model while earlier ones are written.
             IF cardinality(cur_ctids) > 0 THEN
                 res := @extschema@.rsclip_backfill_encode(cur_src, kind, next_src);
                 EXECUTE update_sql USING cur_ctids, res.embeddings;
@@ -314,15 +325,36 @@ BEGIN
                              * (greatest(total - done - failed, 0)::float8 / done)) END;
                 END IF;
                 COMMIT;
-                -- the next batch's row locks ended with the commit: take them again
-                IF cardinality(next_ctids) > 0 THEN
-                    EXECUTE relock_sql INTO next_ctids, next_src, next_keys USING next_ctids;
+                -- the row locks of the batches ahead ended with the commit: take them again, and
+                -- drop the rows another backfill took meanwhile
+                IF cardinality(ahead_ctids) + cardinality(next_ctids) > 0 THEN
+                    EXECUTE relock_sql INTO kept USING ahead_ctids || next_ctids;
+                    IF cardinality(kept) < cardinality(ahead_ctids) + cardinality(next_ctids) THEN
+                        SELECT coalesce(array_agg(u.c ORDER BY u.o), '{}'), coalesce(array_agg(u.s ORDER BY u.o), '{}'),
+                               coalesce(array_agg(u.k ORDER BY u.o), '{}')
+                        INTO ahead_ctids, ahead_src, ahead_keys
+                        FROM ROWS FROM (pg_catalog.unnest(ahead_ctids), pg_catalog.unnest(ahead_src), pg_catalog.unnest(ahead_keys))
+                             WITH ORDINALITY AS u(c, s, k, o)
+                        WHERE u.c = ANY (kept);
+                        SELECT coalesce(array_agg(u.c ORDER BY u.o), '{}'), coalesce(array_agg(u.s ORDER BY u.o), '{}'),
+                               coalesce(array_agg(u.k ORDER BY u.o), '{}')
+                        INTO next_ctids, next_src, next_keys
+                        FROM ROWS FROM (pg_catalog.unnest(next_ctids), pg_catalog.unnest(next_src), pg_catalog.unnest(next_keys))
+                             WITH ORDINALITY AS u(c, s, k, o)
+                        WHERE u.c = ANY (kept);
+                    END IF;
                 END IF;
+            ELSIF cardinality(next_ctids) > 0 THEN
+                -- the first batches of a pass: only hand them over
+                PERFORM @extschema@.rsclip_backfill_encode('{}', kind, next_src);
             END IF;
-            cur_ctids := next_ctids;
-            cur_src := next_src;
-            cur_keys := next_keys;
-            EXIT WHEN cardinality(cur_ctids) = 0 AND pos_block > nblocks;
+            cur_ctids := ahead_ctids;
+            cur_src := ahead_src;
+            cur_keys := ahead_keys;
+            ahead_ctids := next_ctids;
+            ahead_src := next_src;
+            ahead_keys := next_keys;
+            EXIT WHEN cardinality(cur_ctids) = 0 AND cardinality(ahead_ctids) = 0 AND pos_block > nblocks;
         END LOOP;
         -- Rows another transaction held during this pass are still NULL: go again while passes
         -- make progress.

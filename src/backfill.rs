@@ -1,11 +1,18 @@
 //! The encoding step of `rsclip_backfill` (the loop itself is PL/pgSQL in sql/backfill.sql, which
 //! commits after every batch).
 //!
-//! `rsclip_backfill_encode(inputs, kind, prefetch)` encodes one batch in one inference run and
-//! never fails on a bad input: an input that cannot be decoded gets a NULL embedding and its
-//! error message. While the batch runs through the model, the images of the *next* batch
-//! (`prefetch`, which the procedure has already claimed) are decoded on other threads and kept
-//! for the next call, so decoding overlaps inference.
+//! `rsclip_backfill_encode(inputs, kind, prefetch)` encodes one batch and never fails on a bad
+//! input: an input that cannot be decoded gets a NULL embedding and its error message. The
+//! procedure hands every batch over early, as `prefetch`, two calls before it asks for its
+//! embeddings, so three batches are in flight at once: while the backend writes one batch,
+//! commits and claims more, the next batch runs through the model on a background thread (which
+//! owns the vision session meanwhile) and the one after it decodes on other threads. The model
+//! then never waits for SQL or decoding unless those take longer than inference.
+//!
+//! Protocol: `prefetch` is queued; non-empty `inputs` take the oldest batch handed over (rows of
+//! it another backfill took meanwhile are left out, so the two are matched by comparing bytes;
+//! inputs without a match are encoded on the spot). A call with neither inputs nor prefetch
+//! forgets everything handed over (the procedure makes one at the start of each pass).
 
 use crate::datum;
 use crate::encode::{embedding_array_of, image_decode_options};
@@ -13,46 +20,66 @@ use crate::fmgr::{arg, bytea_bytes, error, pg_function};
 use crate::model;
 use crate::settings;
 use pgrx::{pg_sys, PgSqlErrorCode};
-use rsclip_model::decode::decode_rgb8;
-use rsclip_model::runtime::with_signals_blocked;
+use rsclip_model::decode::{decode_rgb8, DecodeOptions};
+use rsclip_model::preprocess::Preprocessing;
+use rsclip_model::runtime::{with_signals_blocked, Encoder, RuntimeError};
 use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::thread::JoinHandle;
 
+/// A decoded image's pixel tensor, or why it could not be decoded.
 type Decoded = Result<Vec<f32>, String>;
+/// An input's normalized embedding, or why it has none.
+type Outcome = Result<Vec<f32>, String>;
 
-thread_local! {
-    /// The images passed as `prefetch` (a copy of their bytes) and their pixel tensors or decode
-    /// errors, in order. The next call's inputs are those rows minus any another backfill took
-    /// meanwhile, in the same order, so they are matched by a forward walk comparing bytes (no
-    /// hashing; a mismatch only means decoding again).
-    static PREFETCHED: RefCell<Vec<(Vec<u8>, Decoded)>> = const { RefCell::new(Vec::new()) };
+/// The settings a batch was decoded under: a batch decoded under others is not used.
+#[derive(Clone, PartialEq)]
+struct Decoding {
+    options: DecodeOptions,
+    preprocessing: Preprocessing,
 }
 
-/// Takes the prefetched results for `images` (None where there is none).
-fn take_prefetched(images: &[&[u8]]) -> Vec<Option<Decoded>> {
-    rsclip_core::in_order::take_in_order(PREFETCHED.take(), images)
+/// A batch handed over and decoding (or decoded) on its own thread, with copies of its inputs.
+struct Queued {
+    settings: Decoding,
+    decoded: JoinHandle<(Vec<Vec<u8>>, Vec<Decoded>)>,
+}
+
+/// What the model job of a batch produced: its inputs and their outcomes, None if the model run
+/// failed (then the inputs are encoded again on the spot, which raises the error itself).
+struct Ahead {
+    settings: Decoding,
+    inputs: Vec<Vec<u8>>,
+    outcomes: Option<Vec<Outcome>>,
+}
+
+thread_local! {
+    /// Batches handed over and not yet given to the model, oldest first. The batch before them
+    /// runs as the model's vision job and returns an `Ahead`.
+    static QUEUE: RefCell<VecDeque<Queued>> = const { RefCell::new(VecDeque::new()) };
 }
 
 /// Decodes `images` on up to `threads` threads (no Postgres calls).
-fn decode_all(
-    images: &[&[u8]],
+fn decode_all<B: AsRef<[u8]> + Sync>(
+    images: &[B],
     threads: usize,
-    pre: &rsclip_model::preprocess::Preprocessing,
-    opts: &rsclip_model::decode::DecodeOptions,
+    pre: &Preprocessing,
+    opts: &DecodeOptions,
 ) -> Vec<Decoded> {
-    let one = |bytes: &[u8]| -> Decoded {
-        let rgb = decode_rgb8(bytes, opts).map_err(|e| e.to_string())?;
+    let one = |bytes: &B| -> Decoded {
+        let rgb = decode_rgb8(bytes.as_ref(), opts).map_err(|e| e.to_string())?;
         let mut out = vec![0f32; pre.tensor_len()];
         pre.pixel_values(&rgb, &mut out);
         Ok(out)
     };
-    if images.is_empty() {
-        return Vec::new();
+    let chunk = images.len().div_ceil(threads.max(1)).max(1);
+    if images.len() <= chunk {
+        return images.iter().map(one).collect();
     }
-    let chunk = images.len().div_ceil(threads.max(1));
     std::thread::scope(|s| {
         let handles: Vec<_> = images
             .chunks(chunk)
-            .map(|c| s.spawn(move || c.iter().map(|b| one(b)).collect::<Vec<_>>()))
+            .map(|c| s.spawn(move || c.iter().map(one).collect::<Vec<_>>()))
             .collect();
         handles
             .into_iter()
@@ -61,67 +88,185 @@ fn decode_all(
     })
 }
 
-/// Encodes a batch of images; returns (embedding or None, error message or None) per input.
+/// Runs the model once on the decodable ones of `decoded`; the outcome of each.
+fn run_decoded(
+    encoder: &mut Encoder,
+    decoded: Vec<Decoded>,
+    image_size: usize,
+    dim: usize,
+) -> Result<Vec<Outcome>, RuntimeError> {
+    let good = decoded.iter().filter(|d| d.is_ok()).count();
+    if good == 0 {
+        return Ok(decoded);
+    }
+    let mut pixels = Vec::with_capacity(good * 3 * image_size * image_size);
+    for t in decoded.iter().flatten() {
+        pixels.extend_from_slice(t);
+    }
+    let embeddings = encoder.run_f32(&[good, 3, image_size, image_size], pixels)?;
+    let mut rows = embeddings.chunks_exact(dim);
+    Ok(decoded
+        .into_iter()
+        .map(|d| {
+            d.map(|_| {
+                let mut v = rows.next().expect("one row per decoded image").to_vec();
+                rsclip_core::normalize_in_place(&mut v);
+                v
+            })
+        })
+        .collect())
+}
+
+/// Starts decoding `images` on a thread of its own (which spreads them over `threads`).
+fn spawn_decoding(images: &[&[u8]], threads: usize, settings: &Decoding) -> Queued {
+    let inputs: Vec<Vec<u8>> = images.iter().map(|b| b.to_vec()).collect();
+    let Decoding {
+        options,
+        preprocessing,
+    } = settings.clone();
+    let decoded = with_signals_blocked(|| {
+        std::thread::Builder::new()
+            .name("rsclip decode".into())
+            .spawn(move || {
+                let decoded = decode_all(&inputs, threads, &preprocessing, &options);
+                (inputs, decoded)
+            })
+    })
+    .unwrap_or_else(|e| {
+        error(
+            PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+            format!("rsclip: cannot start a decoding thread: {e}"),
+        )
+    });
+    Queued {
+        settings: settings.clone(),
+        decoded,
+    }
+}
+
+/// Gives the oldest queued batch to the model, unless the model is busy: a background job that
+/// waits for the batch's decoding, then runs the model on it.
+fn start_next_model_job(dim: usize) {
+    if model::with_model(|l, _| l.vision_busy()) {
+        return;
+    }
+    let Some(Queued { settings, decoded }) = QUEUE.with_borrow_mut(|q| q.pop_front()) else {
+        return;
+    };
+    model::with_model(|l, counts| {
+        l.spawn_vision(counts, move |encoder| {
+            let (inputs, decoded) = decoded
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            let image_size = settings.preprocessing.image_size;
+            Ahead {
+                settings,
+                inputs,
+                outcomes: run_decoded(encoder, decoded, image_size, dim).ok(),
+            }
+        })
+    });
+}
+
+/// Forgets every batch handed over (their threads finish on their own).
+fn forget_handed_over() {
+    QUEUE.with_borrow_mut(|q| q.clear());
+    model::with_model(|l, _| drop(l.join_vision::<Ahead>()));
+}
+
+/// The outcomes of `images` from the batches handed over: the model job's batch, else the
+/// queued ones, oldest first, skipping those that do not hold `images[0]` (the procedure skips a
+/// batch when another backfill took all its rows). None where nothing matched.
+fn take_handed_over(images: &[&[u8]], settings: &Decoding, dim: usize) -> Vec<Option<Outcome>> {
+    let holds_first = |inputs: &[Vec<u8>]| inputs.iter().any(|b| b.as_slice() == images[0]);
+    let matched = |inputs: Vec<Vec<u8>>, done: Vec<Outcome>| {
+        rsclip_core::in_order::take_in_order(inputs.into_iter().zip(done).collect(), images)
+    };
+    if let Some(Ahead {
+        settings: s,
+        inputs,
+        outcomes: Some(done),
+    }) = model::with_model(|l, _| l.join_vision::<Ahead>())
+    {
+        if s == *settings && holds_first(&inputs) {
+            return matched(inputs, done);
+        }
+    }
+    while let Some(Queued {
+        settings: s,
+        decoded,
+    }) = QUEUE.with_borrow_mut(|q| q.pop_front())
+    {
+        let (inputs, decoded) = decoded
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        if s == *settings && holds_first(&inputs) {
+            let image_size = settings.preprocessing.image_size;
+            let Ok(done) = model::with_model(|l, counts| {
+                run_decoded(l.vision(counts), decoded, image_size, dim)
+            }) else {
+                break; // encoded again on the spot, which raises the error
+            };
+            return matched(inputs, done);
+        }
+    }
+    vec![None; images.len()]
+}
+
+/// Queues `prefetch`, encodes `images` (from what was handed over, or on the spot) and keeps the
+/// model busy with the next batch; returns (embedding or None, error message or None) per input.
 fn encode_image_batch(
     images: &[&[u8]],
     prefetch: &[&[u8]],
 ) -> Vec<(Option<Vec<f32>>, Option<String>)> {
-    let threads = settings::INTRA_OP_THREADS.get().max(1) as usize;
-    let mut decoded = take_prefetched(images);
-    let (pre, dim) =
-        model::with_model(|l, _| (l.preprocessing.clone(), l.model.manifest.embedding_dim));
-    let opts = image_decode_options(pre.image_size);
-    let missing: Vec<usize> = (0..images.len())
-        .filter(|&i| decoded[i].is_none())
-        .collect();
-    let missing_bytes: Vec<&[u8]> = missing.iter().map(|&i| images[i]).collect();
-    for (i, d) in missing.iter().zip(with_signals_blocked(|| {
-        decode_all(&missing_bytes, threads, &pre, &opts)
-    })) {
-        decoded[*i] = Some(d);
+    if images.is_empty() && prefetch.is_empty() {
+        forget_handed_over();
+        return Vec::new();
     }
-    let good: Vec<usize> = (0..images.len())
-        .filter(|&i| matches!(decoded[i], Some(Ok(_))))
+    let threads = settings::decode_threads();
+    let (preprocessing, dim) =
+        model::with_model(|l, _| (l.preprocessing.clone(), l.model.manifest.embedding_dim));
+    let settings = Decoding {
+        options: image_decode_options(preprocessing.image_size),
+        preprocessing,
+    };
+    if !prefetch.is_empty() {
+        let queued = spawn_decoding(prefetch, threads, &settings);
+        QUEUE.with_borrow_mut(|q| q.push_back(queued));
+    }
+    if images.is_empty() {
+        start_next_model_job(dim);
+        return Vec::new();
+    }
+
+    let mut outcomes = take_handed_over(images, &settings, dim);
+
+    // What was not handed over (or came out under other settings): decode and encode it here,
+    // before the model goes on with the next batch.
+    let missing: Vec<usize> = (0..images.len())
+        .filter(|&i| outcomes[i].is_none())
         .collect();
-    let mut pixels = Vec::with_capacity(good.len() * pre.tensor_len());
-    for &i in &good {
-        if let Some(Ok(t)) = &decoded[i] {
-            pixels.extend_from_slice(t);
+    if !missing.is_empty() {
+        let bytes: Vec<&[u8]> = missing.iter().map(|&i| images[i]).collect();
+        let pre = &settings.preprocessing;
+        let decoded = with_signals_blocked(|| decode_all(&bytes, threads, pre, &settings.options));
+        let done = model::with_model(|l, counts| {
+            run_decoded(l.vision(counts), decoded, pre.image_size, dim)
+        })
+        .unwrap_or_else(|e| model::raise_runtime(e));
+        for (&i, o) in missing.iter().zip(done) {
+            outcomes[i] = Some(o);
         }
     }
-    // Inference of this batch on this thread while the next batch decodes on the others.
-    let (embeddings, next) = with_signals_blocked(|| {
-        std::thread::scope(|s| {
-            let next = s.spawn(|| decode_all(prefetch, threads, &pre, &opts));
-            let embeddings = if good.is_empty() {
-                Ok(Vec::new())
-            } else {
-                let s = pre.image_size;
-                model::with_model(|loaded, counts| {
-                    loaded
-                        .vision(counts)
-                        .run_f32(&[good.len(), 3, s, s], std::mem::take(&mut pixels))
-                })
-            };
-            let next = next.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (embeddings, next)
-        })
-    });
-    let embeddings = embeddings.unwrap_or_else(|e| model::raise_runtime(e));
-    PREFETCHED.set(prefetch.iter().map(|b| b.to_vec()).zip(next).collect());
-    let mut out: Vec<(Option<Vec<f32>>, Option<String>)> = decoded
+    start_next_model_job(dim);
+
+    outcomes
         .into_iter()
-        .map(|d| match d {
-            Some(Err(e)) => (None, Some(e)),
-            _ => (None, None),
+        .map(|o| match o.expect("every input has an outcome") {
+            Ok(v) => (Some(v), None),
+            Err(e) => (None, Some(e)),
         })
-        .collect();
-    for (&i, v) in good.iter().zip(embeddings.chunks_exact(dim)) {
-        let mut v = v.to_vec();
-        rsclip_core::normalize_in_place(&mut v);
-        out[i].0 = Some(v);
-    }
-    out
+        .collect()
 }
 
 /// Builds the `(embeddings embedding[], errors text[])` result row.
@@ -198,6 +343,7 @@ pg_function! {
             let bytes: Vec<&[u8]> = present.iter().map(|&i| inputs[i].expect("present")).collect();
             let encoded: Vec<(Option<Vec<f32>>, Option<String>)> = match kind.as_str() {
                 "image" => encode_image_batch(&bytes, &prefetch),
+                "text" if bytes.is_empty() => Vec::new(),
                 "text" => {
                     let texts: Vec<String> = bytes.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
                     crate::encode::encode_texts(&texts).into_iter().map(|v| (Some(v), None)).collect()

@@ -113,7 +113,7 @@ fn pixel_batch(
 /// images' positions in the caller's array (for error messages), None for a single image.
 fn encode_images(images: &[&[u8]], labels: Option<&[usize]>) -> Vec<Vec<f32>> {
     let batch = settings::BATCH_SIZE.get().max(1) as usize;
-    let threads = settings::INTRA_OP_THREADS.get().max(1) as usize;
+    let threads = settings::decode_threads();
     let mut result = Vec::with_capacity(images.len());
     for (c, chunk) in images.chunks(batch).enumerate() {
         pgrx::check_for_interrupts!();
@@ -441,9 +441,9 @@ pg_function! {
     fn rsclip_model_info(fcinfo) {
         let _ = fcinfo;
         let info = model::with_model(|l, counts| {
-            let m = &l.model.manifest;
             let (vision, text) = l.providers();
             let cache = l.optimized_cache();
+            let m = &l.model.manifest;
             let opts = l.options();
             serde_json::json!({
                 "model_id": m.model_id,

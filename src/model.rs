@@ -28,8 +28,16 @@ pub struct Loaded {
     pub preprocessing: Preprocessing,
     pub fingerprint: String,
     vision: Option<Encoder>,
+    /// The vision session while it works on a background thread (see `spawn_vision`).
+    vision_job: Option<VisionJob>,
     text: Option<Encoder>,
     tokenizer: Option<TextTokenizer>,
+}
+
+/// A background thread that owns the vision session until it is joined; it returns the session
+/// and its work's result.
+struct VisionJob {
+    handle: std::thread::JoinHandle<(Encoder, Box<dyn std::any::Any + Send>)>,
 }
 
 #[derive(Default, Debug, Clone, Copy)]
@@ -214,6 +222,7 @@ pub fn with_model<R>(f: impl FnOnce(&mut Loaded, &mut LoadCounts) -> R) -> R {
                 preprocessing,
                 fingerprint,
                 vision: None,
+                vision_job: None,
                 text: None,
                 tokenizer: None,
             });
@@ -273,6 +282,7 @@ fn notice_cpu_fallback(encoder: &Encoder, options: &RuntimeOptions) {
 
 impl Loaded {
     pub fn vision(&mut self, counts: &mut LoadCounts) -> &mut Encoder {
+        self.finish_vision_job();
         if self.vision.is_none() {
             let (encoder, ms) = load_encoder(self, true);
             counts.vision_loads += 1;
@@ -306,14 +316,69 @@ impl Loaded {
         )
     }
 
-    pub fn optimized_cache(&self) -> (Option<&'static str>, Option<&'static str>) {
+    /// Runs `work` with the vision session (loaded first if need be) on a new thread, so that the
+    /// backend can go on with SQL meanwhile; `join_vision` waits for it and returns its result.
+    /// Until then the session belongs to that thread: every other use of it joins first. The
+    /// thread never calls Postgres and starts with all signals blocked. An earlier job is joined
+    /// (and its result dropped) first.
+    pub fn spawn_vision<T: Send + 'static>(
+        &mut self,
+        counts: &mut LoadCounts,
+        work: impl FnOnce(&mut Encoder) -> T + Send + 'static,
+    ) {
+        self.vision(counts);
+        let mut encoder = self.vision.take().expect("loaded");
+        let handle = rsclip_model::runtime::with_signals_blocked(|| {
+            std::thread::Builder::new()
+                .name("rsclip vision".into())
+                .spawn(move || {
+                    let out = work(&mut encoder);
+                    (encoder, Box::new(out) as Box<dyn std::any::Any + Send>)
+                })
+        })
+        .unwrap_or_else(|e| {
+            error(
+                PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+                format!("rsclip: cannot start a model thread: {e}"),
+            )
+        });
+        self.vision_job = Some(VisionJob { handle });
+    }
+
+    /// Waits for a background job to give the session back; its result, which only the caller
+    /// of `join_vision` can use, is dropped.
+    fn finish_vision_job(&mut self) {
+        let _ = self.join_vision::<()>();
+    }
+
+    /// Whether a job started by `spawn_vision` holds the vision session.
+    pub fn vision_busy(&self) -> bool {
+        self.vision_job.is_some()
+    }
+
+    /// Waits for the job `spawn_vision` started, takes the session back and returns the job's
+    /// result (None when there is no job, or it returned another type). A job that panicked
+    /// took the session with it (the next use loads a new one); the panic goes on here.
+    pub fn join_vision<T: 'static>(&mut self) -> Option<T> {
+        let job = self.vision_job.take()?;
+        let (encoder, out) = job
+            .handle
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        self.vision = Some(encoder);
+        out.downcast::<T>().ok().map(|b| *b)
+    }
+
+    pub fn optimized_cache(&mut self) -> (Option<&'static str>, Option<&'static str>) {
+        self.finish_vision_job();
         (
             self.vision.as_ref().map(|e| e.optimized_cache.as_str()),
             self.text.as_ref().map(|e| e.optimized_cache.as_str()),
         )
     }
 
-    pub fn providers(&self) -> (Option<String>, Option<String>) {
+    pub fn providers(&mut self) -> (Option<String>, Option<String>) {
+        self.finish_vision_job();
         (
             self.vision.as_ref().map(|e| e.provider.clone()),
             self.text.as_ref().map(|e| e.provider.clone()),

@@ -38,6 +38,7 @@ pub static CUDA_DEVICE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"auto"));
 pub static GPU_MEM_LIMIT_MB: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static INTRA_OP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(1);
+pub static DECODE_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static GRAPH_OPTIMIZATION: GucSetting<OptimizationLevel> =
     GucSetting::<OptimizationLevel>::new(OptimizationLevel::All);
 pub static OPTIMIZED_MODEL_CACHE: GucSetting<Option<CString>> =
@@ -98,10 +99,20 @@ pub fn register() {
     );
     GucRegistry::define_int_guc(
         c"rsclip.intra_op_threads",
-        c"Threads ONNX Runtime uses inside one inference run (and for decoding image batches).",
+        c"Threads ONNX Runtime uses inside one inference run.",
         c"",
         &INTRA_OP_THREADS,
         1,
+        256,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"rsclip.decode_threads",
+        c"Threads decoding the images of one batch (array functions, backfill); 0 = one per CPU core.",
+        c"",
+        &DECODE_THREADS,
+        0,
         256,
         GucContext::Userset,
         GucFlags::default(),
@@ -213,4 +224,13 @@ pub fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
         .get()
         .map(|s: CString| s.to_string_lossy().into_owned())
         .filter(|s| !s.is_empty())
+}
+
+/// Threads for decoding a batch of images: `rsclip.decode_threads`, or one per CPU core this
+/// process may use when it is 0 (decoding runs beside inference, which has its own threads).
+pub fn decode_threads() -> usize {
+    match DECODE_THREADS.get() {
+        n if n > 0 => n as usize,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
 }

@@ -109,9 +109,38 @@ def test_probed_batch_size_is_bounded_by_maintenance_work_mem(dbname):
         assert probed, notices
         words = probed[0].split()
         batch, bound = int(words[3]), int(words[7])
-        assert bound == max(1, min(256, int(1024 * 1024 // (float(stored) + 12 * size * size)))), (bound, stored, size)
+        assert bound == max(1, min(256, int(1024 * 1024 // (3 * (float(stored) + 12 * size * size))))), (bound, stored, size)
         assert 1 <= batch <= bound < 32, probed
         assert c.execute("SELECT count(*) FROM probe_tiles WHERE emb IS NULL").fetchone()[0] == 0
+
+
+def test_batches_handed_over_ahead_are_matched_to_their_inputs(dbname):
+    """The procedure hands batches over as prefetch two calls before it asks for them; inputs take
+    the oldest handed-over batch that holds them (a batch whose rows another backfill took is
+    skipped, dropped rows are left out), and a call with neither inputs nor prefetch forgets an
+    interrupted run's batches. Every answer equals a per-row encode."""
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        c.execute("SET rsclip.cache = off")
+        want = [c.execute("SELECT rsclip_encode_image(%s)::text", (b,)).fetchone()[0] for b in IMAGES]
+
+        def encode(inputs, prefetch):
+            return c.execute("SELECT (r).embeddings::text[], (r).errors FROM "
+                             "(SELECT rsclip_backfill_encode(%s::bytea[], 'image', %s::bytea[]) r) q",
+                             (inputs, prefetch)).fetchone()
+
+        assert encode([], []) == ([], [])
+        assert encode([], [IMAGES[0], IMAGES[1]]) == ([], [])
+        assert encode([], [IMAGES[2], IMAGES[3]]) == ([], [])
+        # the first batch was taken whole by someone else, the second lost a row
+        assert encode([IMAGES[3]], [IMAGES[1], GARBAGE[0], IMAGES[0]])[0] == [want[3]]
+        emb, err = encode([IMAGES[1], GARBAGE[0], IMAGES[0]], [])
+        assert emb == [want[1], None, want[0]] and err[0] is None and err[1] and err[2] is None
+        # an interrupted run's batches are forgotten; inputs never handed over are encoded anyway
+        encode([], [IMAGES[2]])
+        encode([], [])
+        assert encode([IMAGES[0], IMAGES[2]], [])[0] == [want[0], want[2]]
+        # the session is still usable for plain calls afterwards
+        assert c.execute("SELECT rsclip_encode_image(%s)::text", (IMAGES[1],)).fetchone()[0] == want[1]
 
 
 def test_bad_arguments_are_clear_errors(dbname):
