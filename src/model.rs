@@ -256,6 +256,37 @@ pub fn logit_params() -> (f64, f64) {
     params
 }
 
+/// Makes the backend wait for a running vision job before it exits. A job can outlive the call
+/// that started it (the backfill keeps the model busy between calls); if the process exited
+/// under it, ONNX Runtime's static destructors would run while the job still uses them, and the
+/// backend would crash on its way out (a postmaster-wide crash restart). The wait is at most one
+/// batch. Registered once per backend, on the first job.
+fn join_jobs_before_exit() {
+    thread_local! {
+        static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if REGISTERED.replace(true) {
+        return;
+    }
+    // SAFETY: registers a plain callback for proc_exit; it only touches this thread's state.
+    unsafe { pg_sys::on_proc_exit(Some(join_vision_job_at_exit), pg_sys::Datum::from(0)) };
+}
+
+/// on_proc_exit callback: waits for a running vision job (and drops its result).
+unsafe extern "C-unwind" fn join_vision_job_at_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    // No unwinding out of here: the state may be borrowed if a FATAL error hit inside
+    // `with_model`, and a job that panicked has nothing left to wait for.
+    let _ = std::panic::catch_unwind(|| {
+        STATE.with(|cell| {
+            if let Ok(mut state) = cell.try_borrow_mut() {
+                if let Some(job) = state.loaded.as_mut().and_then(|l| l.vision_job.take()) {
+                    let _ = job.handle.join();
+                }
+            }
+        })
+    });
+}
+
 /// Creates one encoder session; returns it with its creation time in milliseconds.
 fn load_encoder(loaded: &Loaded, vision: bool) -> (Encoder, f64) {
     let started = std::time::Instant::now();
@@ -327,6 +358,7 @@ impl Loaded {
         work: impl FnOnce(&mut Encoder) -> T + Send + 'static,
     ) {
         self.vision(counts);
+        join_jobs_before_exit();
         let mut encoder = self.vision.take().expect("loaded");
         let handle = rsclip_model::runtime::with_signals_blocked(|| {
             std::thread::Builder::new()

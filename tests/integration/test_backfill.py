@@ -143,6 +143,32 @@ def test_batches_handed_over_ahead_are_matched_to_their_inputs(dbname):
         assert c.execute("SELECT rsclip_encode_image(%s)::text", (IMAGES[1],)).fetchone()[0] == want[1]
 
 
+def test_backend_exit_waits_for_a_batch_in_the_model(dbname):
+    """A batch handed over keeps the model busy after the call returns; a backend that exits (or
+    is terminated) meanwhile must wait for it rather than crash on its way out, which would make
+    the postmaster restart every session."""
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        started = c.execute("SELECT pg_postmaster_start_time()").fetchone()[0]
+    for terminate in (False, True):
+        c = psycopg.connect(uri_for(dbname), autocommit=True)
+        c.execute("SET rsclip.cache = off")
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        c.execute("SELECT rsclip_backfill_encode('{}', 'image', %s::bytea[])", (IMAGES * 100,))
+        c.execute("SELECT rsclip_backfill_encode('{}', 'image', %s::bytea[])", (IMAGES * 100,))
+        if terminate:
+            with psycopg.connect(uri_for(dbname), autocommit=True) as other:
+                other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        c.close()
+        assert wait_for(lambda: _backend_gone(dbname, pid), timeout=30)
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        assert c.execute("SELECT pg_postmaster_start_time()").fetchone()[0] == started, "the server restarted"
+
+
+def _backend_gone(dbname, pid):
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        return c.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == 0
+
+
 def test_bad_arguments_are_clear_errors(dbname):
     with psycopg.connect(uri_for(dbname), autocommit=True) as c:
         c.execute("CREATE TABLE args (id int, img bytea, note text, v real[], emb embedding(32))")
