@@ -4,7 +4,7 @@ PG ?= 18
 SHELL := /bin/bash
 ENV := source tools/env.sh &&
 PY := $(ENV) "$$RSCLIP_VENV/bin/python"
-ITEST_PORT := $(shell echo $$((55400 + $(PG))))
+ITEST_PORT := $(shell echo $$((25400 + $(PG))))
 FUZZ_SECONDS ?= 30
 
 .PHONY: setup build install lint unit pgtest itest test server stop demo bench bench-index bench-cache bench-backfill bench-encode base-model export-env fuzz fixture clean
@@ -65,27 +65,27 @@ BACKFILL_BATCH ?= 32
 BACKFILL_THREADS ?= 1
 BACKFILL_REPEAT ?= 3
 bench: install
-	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
-	@$(PY) bench/exact_search.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS)
+	@$(PY) tools/cluster.py start --pg 18 --name bench --port 25518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
+	@$(PY) bench/exact_search.py --uri postgresql://postgres@127.0.0.1:25518/postgres --rows $(ROWS)
 
 # Approximate search: rsclip index vs pgvector HNSW / IVFFlat (QPS-recall curves, build time,
 # size; table + PNG in bench/results/). ROWS=1000000 for the by-hand large run.
 bench-index: install
 	@$(ENV) "$$RSCLIP_VENV/bin/python" -c "import matplotlib" 2>/dev/null || "$$RSCLIP_VENV/bin/pip" install -q matplotlib==3.10.8
-	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
-	@$(PY) bench/index.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(ROWS) --maintenance-work-mem $(BENCH_MWM)
+	@$(PY) tools/cluster.py start --pg 18 --name bench --port 25518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
+	@$(PY) bench/index.py --uri postgresql://postgres@127.0.0.1:25518/postgres --rows $(ROWS) --maintenance-work-mem $(BENCH_MWM)
 
 # Text-query latency through the result cache: uncached, LRU hit, table hit (p50/p99).
 bench-cache: install
-	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
-	@$(PY) bench/cache.py --uri postgresql://postgres@127.0.0.1:55518/postgres
+	@$(PY) tools/cluster.py start --pg 18 --name bench --port 25518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
+	@$(PY) bench/cache.py --uri postgresql://postgres@127.0.0.1:25518/postgres
 
 # Backfill throughput: rsclip_backfill vs bare batched session.run vs per-row UPDATE.
 # BACKFILL_MODEL=git-rsclip-base runs it on the real architecture (random weights), e.g.
 #   make bench-backfill BACKFILL_MODEL=git-rsclip-base BACKFILL_ROWS=1000 BACKFILL_BATCH=16 BACKFILL_THREADS=2 BACKFILL_REPEAT=1
 bench-backfill: install $(if $(filter git-rsclip-base,$(BACKFILL_MODEL)),base-model)
-	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
-	@$(PY) bench/backfill.py --uri postgresql://postgres@127.0.0.1:55518/postgres --rows $(BACKFILL_ROWS) \
+	@$(PY) tools/cluster.py start --pg 18 --name bench --port 25518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
+	@$(PY) bench/backfill.py --uri postgresql://postgres@127.0.0.1:25518/postgres --rows $(BACKFILL_ROWS) \
 	  --batch $(BACKFILL_BATCH) --threads $(BACKFILL_THREADS) --repeat $(BACKFILL_REPEAT) \
 	  $(if $(filter git-rsclip-base,$(BACKFILL_MODEL)),--model-path "$$RSCLIP_LOCAL/models/git-rsclip-base-random")
 
@@ -93,9 +93,9 @@ bench-backfill: install $(if $(filter git-rsclip-base,$(BACKFILL_MODEL)),base-mo
 # the git-rsclip-base architecture with random weights (exported on first use, not committed).
 EXPORT_PY := "$$RSCLIP_LOCAL/venv-export/bin/python"
 bench-encode: install base-model
-	@$(PY) tools/cluster.py start --pg 18 --name bench --port 55518 >/dev/null
-	@$(ENV) $(EXPORT_PY) bench/encode.py --uri postgresql://postgres@127.0.0.1:55518/postgres --model-dir "$$RSCLIP_LOCAL/models/tiny-siglip" --images 64
-	@$(ENV) $(EXPORT_PY) bench/encode.py --uri postgresql://postgres@127.0.0.1:55518/postgres --model-dir "$$RSCLIP_LOCAL/models/git-rsclip-base-random" --images 16 --texts 32 --batches 1,8
+	@$(PY) tools/cluster.py start --pg 18 --name bench --port 25518 >/dev/null
+	@$(ENV) $(EXPORT_PY) bench/encode.py --uri postgresql://postgres@127.0.0.1:25518/postgres --model-dir "$$RSCLIP_LOCAL/models/tiny-siglip" --images 64
+	@$(ENV) $(EXPORT_PY) bench/encode.py --uri postgresql://postgres@127.0.0.1:25518/postgres --model-dir "$$RSCLIP_LOCAL/models/git-rsclip-base-random" --images 16 --texts 32 --batches 1,8
 
 # The git-rsclip-base architecture with random weights (no hub here), exported once into local/.
 base-model: export-env

@@ -104,7 +104,7 @@ CREATE FUNCTION rsclip_backfill_encode(inputs bytea[], kind text, prefetch bytea
                                        OUT embeddings embedding[], OUT errors text[])
     AS 'MODULE_PATHNAME', 'rsclip_backfill_encode' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
 COMMENT ON FUNCTION rsclip_backfill_encode(bytea[], text, bytea[]) IS
-    'one batch of rsclip_backfill: embeddings (NULL where an input failed) and error messages; decodes prefetch meanwhile';
+    'one batch of rsclip_backfill: embeddings (NULL where an input failed) and error messages; prefetch (a later batch) is decoded and encoded in the background meanwhile; empty inputs and prefetch forget what was handed over';
 
 CREATE PROCEDURE rsclip_backfill(tbl regclass, src name, dst name, batch_size int DEFAULT NULL, kind text DEFAULT 'image')
     LANGUAGE plpgsql
@@ -131,9 +131,11 @@ DECLARE
     cur_src bytea[] := '{}';
     cur_keys jsonb[] := '{}';
     ahead_ctids tid[] := '{}';
+    ahead_xmins xid[] := '{}';
     ahead_src bytea[] := '{}';
     ahead_keys jsonb[] := '{}';
     next_ctids tid[];
+    next_xmins xid[];
     next_src bytea[];
     next_keys jsonb[];
     kept tid[];
@@ -194,18 +196,21 @@ BEGIN
     key_expr := coalesce(key_expr, 'NULL::jsonb');
 
     claim_sql := format(
-        'SELECT coalesce(array_agg(c ORDER BY c), ''{}''), coalesce(array_agg(s ORDER BY c), ''{}''), '
-        '       coalesce(array_agg(k ORDER BY c), ''{}'') '
-        'FROM (SELECT ctid AS c, %s AS s, %s AS k FROM %s '
+        'SELECT coalesce(array_agg(c ORDER BY c), ''{}''), coalesce(array_agg(x ORDER BY c), ''{}''), '
+        '       coalesce(array_agg(s ORDER BY c), ''{}''), coalesce(array_agg(k ORDER BY c), ''{}'') '
+        'FROM (SELECT ctid AS c, xmin AS x, %s AS s, %s AS k FROM %s '
         '      WHERE ctid > $1 AND ctid < $2 AND %I IS NULL AND %I IS NOT NULL AND ctid <> ALL ($3) '
         '      ORDER BY ctid LIMIT $4 FOR UPDATE SKIP LOCKED) q',
         src_expr, key_expr, tbl, dst, src);
-    -- the ctids only: the procedure still holds their inputs, and a row whose input changed has
-    -- a new ctid (fetching them again would read every image from TOAST twice)
+    -- Takes the locks again by (ctid, xmin): the procedure still holds the inputs (reading them
+    -- again would fetch every image from TOAST twice), and a row that changed has a new ctid,
+    -- while a slot emptied by VACUUM and refilled holds a row with another xmin.
     relock_sql := format(
         'SELECT coalesce(array_agg(c ORDER BY c), ''{}'') '
-        'FROM (SELECT ctid AS c FROM %s '
-        '      WHERE ctid = ANY ($1) AND %I IS NULL AND %I IS NOT NULL FOR UPDATE SKIP LOCKED) q',
+        'FROM (SELECT rsclip_t.ctid AS c FROM %s AS rsclip_t, '
+        '             ROWS FROM (pg_catalog.unnest($1::tid[]), pg_catalog.unnest($2::xid[])) AS rsclip_w(c, x) '
+        '      WHERE rsclip_t.ctid = rsclip_w.c AND rsclip_t.xmin OPERATOR(pg_catalog.=) rsclip_w.x '
+        '        AND rsclip_t.%I IS NULL AND rsclip_t.%I IS NOT NULL FOR UPDATE OF rsclip_t SKIP LOCKED) q',
         tbl, dst, src);
     -- one statement per batch; the join on ctid is a TID scan per row
     update_sql := format('UPDATE %s AS rsclip_t SET %I = rsclip_u.e '
@@ -218,6 +223,8 @@ BEGIN
     EXECUTE format('SELECT count(*) FROM %s WHERE %I IS NULL AND %I IS NOT NULL AND ctid <> ALL ($1)', tbl, dst, src)
         INTO total USING failed_rows;
 
+    -- forget batches an interrupted run in this backend handed over
+    PERFORM @extschema@.rsclip_backfill_encode('{}', kind, '{}');
     IF batch IS NULL THEN
         -- Probe: the batch size with the best rows/s on up to 32 of the rows to fill (after a
         -- warm-up that loads the model), doubling from 1 while throughput still improves by 5%.
@@ -266,15 +273,16 @@ BEGIN
         -- blocks that hold about one batch of rows
         span := greatest(1, ceil(batch * greatest(nblocks, 1)::float8
                                  / greatest((SELECT reltuples FROM pg_catalog.pg_class WHERE oid = tbl), total, 1))::bigint);
-        -- forget batches an interrupted run in this backend handed over
+        -- a pass starts with nothing handed over
         PERFORM @extschema@.rsclip_backfill_encode('{}', kind, '{}');
         LOOP
             -- claim the next batch after pos
             next_ctids := '{}';
+            next_xmins := '{}';
             next_src := '{}';
             next_keys := '{}';
             WHILE pos_block <= nblocks LOOP
-                EXECUTE claim_sql INTO next_ctids, next_src, next_keys
+                EXECUTE claim_sql INTO next_ctids, next_xmins, next_src, next_keys
                     USING pos, format('(%s,0)', pos_block + span)::tid, failed_rows, batch;
                 IF cardinality(next_ctids) > 0 THEN
                     pos := next_ctids[cardinality(next_ctids)];
@@ -328,19 +336,21 @@ BEGIN
                 -- the row locks of the batches ahead ended with the commit: take them again, and
                 -- drop the rows another backfill took meanwhile
                 IF cardinality(ahead_ctids) + cardinality(next_ctids) > 0 THEN
-                    EXECUTE relock_sql INTO kept USING ahead_ctids || next_ctids;
+                    EXECUTE relock_sql INTO kept USING ahead_ctids || next_ctids, ahead_xmins || next_xmins;
                     IF cardinality(kept) < cardinality(ahead_ctids) + cardinality(next_ctids) THEN
-                        SELECT coalesce(array_agg(u.c ORDER BY u.o), '{}'), coalesce(array_agg(u.s ORDER BY u.o), '{}'),
-                               coalesce(array_agg(u.k ORDER BY u.o), '{}')
-                        INTO ahead_ctids, ahead_src, ahead_keys
-                        FROM ROWS FROM (pg_catalog.unnest(ahead_ctids), pg_catalog.unnest(ahead_src), pg_catalog.unnest(ahead_keys))
-                             WITH ORDINALITY AS u(c, s, k, o)
+                        SELECT coalesce(array_agg(u.c ORDER BY u.o), '{}'), coalesce(array_agg(u.x ORDER BY u.o), '{}'),
+                               coalesce(array_agg(u.s ORDER BY u.o), '{}'), coalesce(array_agg(u.k ORDER BY u.o), '{}')
+                        INTO ahead_ctids, ahead_xmins, ahead_src, ahead_keys
+                        FROM ROWS FROM (pg_catalog.unnest(ahead_ctids), pg_catalog.unnest(ahead_xmins),
+                                        pg_catalog.unnest(ahead_src), pg_catalog.unnest(ahead_keys))
+                             WITH ORDINALITY AS u(c, x, s, k, o)
                         WHERE u.c = ANY (kept);
-                        SELECT coalesce(array_agg(u.c ORDER BY u.o), '{}'), coalesce(array_agg(u.s ORDER BY u.o), '{}'),
-                               coalesce(array_agg(u.k ORDER BY u.o), '{}')
-                        INTO next_ctids, next_src, next_keys
-                        FROM ROWS FROM (pg_catalog.unnest(next_ctids), pg_catalog.unnest(next_src), pg_catalog.unnest(next_keys))
-                             WITH ORDINALITY AS u(c, s, k, o)
+                        SELECT coalesce(array_agg(u.c ORDER BY u.o), '{}'), coalesce(array_agg(u.x ORDER BY u.o), '{}'),
+                               coalesce(array_agg(u.s ORDER BY u.o), '{}'), coalesce(array_agg(u.k ORDER BY u.o), '{}')
+                        INTO next_ctids, next_xmins, next_src, next_keys
+                        FROM ROWS FROM (pg_catalog.unnest(next_ctids), pg_catalog.unnest(next_xmins),
+                                        pg_catalog.unnest(next_src), pg_catalog.unnest(next_keys))
+                             WITH ORDINALITY AS u(c, x, s, k, o)
                         WHERE u.c = ANY (kept);
                     END IF;
                 END IF;
@@ -352,6 +362,7 @@ BEGIN
             cur_src := ahead_src;
             cur_keys := ahead_keys;
             ahead_ctids := next_ctids;
+            ahead_xmins := next_xmins;
             ahead_src := next_src;
             ahead_keys := next_keys;
             EXIT WHEN cardinality(cur_ctids) = 0 AND cardinality(ahead_ctids) = 0 AND pos_block > nblocks;

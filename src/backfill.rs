@@ -25,6 +25,7 @@ use rsclip_model::preprocess::Preprocessing;
 use rsclip_model::runtime::{with_signals_blocked, Encoder, RuntimeError};
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// A decoded image's pixel tensor, or why it could not be decoded.
@@ -32,9 +33,11 @@ type Decoded = Result<Vec<f32>, String>;
 /// An input's normalized embedding, or why it has none.
 type Outcome = Result<Vec<f32>, String>;
 
-/// The settings a batch was decoded under: a batch decoded under others is not used.
+/// The model and settings a batch was handed over under: a batch handed over under others is
+/// not used.
 #[derive(Clone, PartialEq)]
 struct Decoding {
+    fingerprint: String,
     options: DecodeOptions,
     preprocessing: Preprocessing,
 }
@@ -42,14 +45,15 @@ struct Decoding {
 /// A batch handed over and decoding (or decoded) on its own thread, with copies of its inputs.
 struct Queued {
     settings: Decoding,
-    decoded: JoinHandle<(Vec<Vec<u8>>, Vec<Decoded>)>,
+    inputs: Arc<Vec<Vec<u8>>>,
+    decoded: JoinHandle<Vec<Decoded>>,
 }
 
 /// What the model job of a batch produced: its inputs and their outcomes, None if the model run
 /// failed (then the inputs are encoded again on the spot, which raises the error itself).
 struct Ahead {
     settings: Decoding,
-    inputs: Vec<Vec<u8>>,
+    inputs: Arc<Vec<Vec<u8>>>,
     outcomes: Option<Vec<Outcome>>,
 }
 
@@ -93,8 +97,8 @@ fn run_decoded(
     encoder: &mut Encoder,
     decoded: Vec<Decoded>,
     image_size: usize,
-    dim: usize,
 ) -> Result<Vec<Outcome>, RuntimeError> {
+    let dim = encoder.dim;
     let good = decoded.iter().filter(|d| d.is_ok()).count();
     if good == 0 {
         return Ok(decoded);
@@ -117,20 +121,49 @@ fn run_decoded(
         .collect())
 }
 
+/// Forgets the batches handed over when a transaction aborts (an interrupted backfill), so that
+/// their pixel tensors do not stay in a backend that may never run another backfill.
+/// Registered once per backend, on the first batch handed over.
+fn forget_on_abort() {
+    thread_local! {
+        static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if !REGISTERED.replace(true) {
+        // SAFETY: registers a plain callback; it only touches this thread's state.
+        unsafe { pg_sys::RegisterXactCallback(Some(forget_at_abort), std::ptr::null_mut()) };
+    }
+}
+
+/// Transaction callback: on abort, forgets the queue and waits for the model job (never raises).
+unsafe extern "C-unwind" fn forget_at_abort(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::XactEvent::XACT_EVENT_ABORT {
+        let _ = std::panic::catch_unwind(|| {
+            QUEUE.with(|q| {
+                if let Ok(mut q) = q.try_borrow_mut() {
+                    q.clear();
+                }
+            })
+        });
+        model::drop_vision_job_quietly();
+    }
+}
+
 /// Starts decoding `images` on a thread of its own (which spreads them over `threads`).
 fn spawn_decoding(images: &[&[u8]], threads: usize, settings: &Decoding) -> Queued {
-    let inputs: Vec<Vec<u8>> = images.iter().map(|b| b.to_vec()).collect();
-    let Decoding {
-        options,
-        preprocessing,
-    } = settings.clone();
+    forget_on_abort();
+    let inputs: Arc<Vec<Vec<u8>>> = Arc::new(images.iter().map(|b| b.to_vec()).collect());
+    let (bytes, options, preprocessing) = (
+        Arc::clone(&inputs),
+        settings.options,
+        settings.preprocessing.clone(),
+    );
     let decoded = with_signals_blocked(|| {
         std::thread::Builder::new()
             .name("rsclip decode".into())
-            .spawn(move || {
-                let decoded = decode_all(&inputs, threads, &preprocessing, &options);
-                (inputs, decoded)
-            })
+            .spawn(move || decode_all(&bytes, threads, &preprocessing, &options))
     })
     .unwrap_or_else(|e| {
         error(
@@ -140,29 +173,35 @@ fn spawn_decoding(images: &[&[u8]], threads: usize, settings: &Decoding) -> Queu
     });
     Queued {
         settings: settings.clone(),
+        inputs,
         decoded,
     }
 }
 
-/// Gives the oldest queued batch to the model, unless the model is busy: a background job that
-/// waits for the batch's decoding, then runs the model on it.
-fn start_next_model_job(dim: usize) {
+/// Gives the oldest queued batch to the model, unless the model is busy: a job on the model
+/// thread that waits for the batch's decoding, then runs the model on it.
+fn start_next_model_job() {
     if model::with_model(|l, _| l.vision_busy()) {
         return;
     }
-    let Some(Queued { settings, decoded }) = QUEUE.with_borrow_mut(|q| q.pop_front()) else {
+    let Some(Queued {
+        settings,
+        inputs,
+        decoded,
+    }) = QUEUE.with_borrow_mut(|q| q.pop_front())
+    else {
         return;
     };
     model::with_model(|l, counts| {
         l.spawn_vision(counts, move |encoder| {
-            let (inputs, decoded) = decoded
+            let decoded = decoded
                 .join()
                 .unwrap_or_else(|p| std::panic::resume_unwind(p));
             let image_size = settings.preprocessing.image_size;
             Ahead {
                 settings,
                 inputs,
-                outcomes: run_decoded(encoder, decoded, image_size, dim).ok(),
+                outcomes: run_decoded(encoder, decoded, image_size).ok(),
             }
         })
     });
@@ -174,13 +213,14 @@ fn forget_handed_over() {
     model::with_model(|l, _| drop(l.join_vision::<Ahead>()));
 }
 
-/// The outcomes of `images` from the batches handed over: the model job's batch, else the
-/// queued ones, oldest first, skipping those that do not hold `images[0]` (the procedure skips a
-/// batch when another backfill took all its rows). None where nothing matched.
-fn take_handed_over(images: &[&[u8]], settings: &Decoding, dim: usize) -> Vec<Option<Outcome>> {
+/// The outcomes of `images` from the batches handed over: the model job's batch if it holds
+/// `images[0]`, else the oldest queued batch that does (those before it are dropped: the
+/// procedure skips a batch when another backfill took all its rows; when none does, the queue
+/// stays as it is). None where nothing matched.
+fn take_handed_over(images: &[&[u8]], settings: &Decoding) -> Vec<Option<Outcome>> {
     let holds_first = |inputs: &[Vec<u8>]| inputs.iter().any(|b| b.as_slice() == images[0]);
-    let matched = |inputs: Vec<Vec<u8>>, done: Vec<Outcome>| {
-        rsclip_core::in_order::take_in_order(inputs.into_iter().zip(done).collect(), images)
+    let matched = |inputs: &[Vec<u8>], done: Vec<Outcome>| {
+        rsclip_core::in_order::take_in_order(inputs.iter().cloned().zip(done).collect(), images)
     };
     if let Some(Ahead {
         settings: s,
@@ -189,25 +229,29 @@ fn take_handed_over(images: &[&[u8]], settings: &Decoding, dim: usize) -> Vec<Op
     }) = model::with_model(|l, _| l.join_vision::<Ahead>())
     {
         if s == *settings && holds_first(&inputs) {
-            return matched(inputs, done);
+            return matched(&inputs, done);
         }
     }
-    while let Some(Queued {
-        settings: s,
-        decoded,
-    }) = QUEUE.with_borrow_mut(|q| q.pop_front())
+    let found = QUEUE.with_borrow_mut(|q| {
+        let at = q
+            .iter()
+            .position(|b| b.settings == *settings && holds_first(&b.inputs))?;
+        q.drain(..at);
+        q.pop_front()
+    });
+    if let Some(Queued {
+        inputs, decoded, ..
+    }) = found
     {
-        let (inputs, decoded) = decoded
+        let decoded = decoded
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        if s == *settings && holds_first(&inputs) {
-            let image_size = settings.preprocessing.image_size;
-            let Ok(done) = model::with_model(|l, counts| {
-                run_decoded(l.vision(counts), decoded, image_size, dim)
-            }) else {
-                break; // encoded again on the spot, which raises the error
-            };
-            return matched(inputs, done);
+        let image_size = settings.preprocessing.image_size;
+        // on failure, encoded again on the spot, which raises the error
+        if let Ok(done) =
+            model::with_model(|l, counts| run_decoded(l.vision(counts), decoded, image_size))
+        {
+            return matched(&inputs, done);
         }
     }
     vec![None; images.len()]
@@ -224,9 +268,10 @@ fn encode_image_batch(
         return Vec::new();
     }
     let threads = settings::decode_threads();
-    let (preprocessing, dim) =
-        model::with_model(|l, _| (l.preprocessing.clone(), l.model.manifest.embedding_dim));
+    let (preprocessing, fingerprint) =
+        model::with_model(|l, _| (l.preprocessing.clone(), l.fingerprint.clone()));
     let settings = Decoding {
+        fingerprint,
         options: image_decode_options(preprocessing.image_size),
         preprocessing,
     };
@@ -235,11 +280,11 @@ fn encode_image_batch(
         QUEUE.with_borrow_mut(|q| q.push_back(queued));
     }
     if images.is_empty() {
-        start_next_model_job(dim);
+        start_next_model_job();
         return Vec::new();
     }
 
-    let mut outcomes = take_handed_over(images, &settings, dim);
+    let mut outcomes = take_handed_over(images, &settings);
 
     // What was not handed over (or came out under other settings): decode and encode it here,
     // before the model goes on with the next batch.
@@ -250,15 +295,14 @@ fn encode_image_batch(
         let bytes: Vec<&[u8]> = missing.iter().map(|&i| images[i]).collect();
         let pre = &settings.preprocessing;
         let decoded = with_signals_blocked(|| decode_all(&bytes, threads, pre, &settings.options));
-        let done = model::with_model(|l, counts| {
-            run_decoded(l.vision(counts), decoded, pre.image_size, dim)
-        })
-        .unwrap_or_else(|e| model::raise_runtime(e));
+        let done =
+            model::with_model(|l, counts| run_decoded(l.vision(counts), decoded, pre.image_size))
+                .unwrap_or_else(|e| model::raise_runtime(e));
         for (&i, o) in missing.iter().zip(done) {
             outcomes[i] = Some(o);
         }
     }
-    start_next_model_job(dim);
+    start_next_model_job();
 
     outcomes
         .into_iter()

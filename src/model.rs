@@ -34,10 +34,88 @@ pub struct Loaded {
     tokenizer: Option<TextTokenizer>,
 }
 
-/// A background thread that owns the vision session until it is joined; it returns the session
-/// and its work's result.
+/// The reply of the model thread: the session back with the work's result, or the work's panic
+/// (the session is dropped then).
+type VisionReply = std::thread::Result<(Encoder, JobResult)>;
+/// A job's result, typed by the job's owner (see `join_vision`).
+type JobResult = Box<dyn std::any::Any + Send>;
+
+/// Work for the model thread, with the session it runs on.
+struct VisionWork {
+    encoder: Encoder,
+    work: Box<dyn FnOnce(&mut Encoder) -> JobResult + Send>,
+    reply: std::sync::mpsc::Sender<VisionReply>,
+}
+
+/// A job on the backend's model thread, which owns the vision session until the job is joined.
+/// Dropping it waits for the job too: no job outlives its `Loaded` (a model reload), so none can
+/// be running when the process exits (see `join_jobs_before_exit`).
 struct VisionJob {
-    handle: std::thread::JoinHandle<(Encoder, Box<dyn std::any::Any + Send>)>,
+    reply: Option<std::sync::mpsc::Receiver<VisionReply>>,
+}
+
+impl Drop for VisionJob {
+    fn drop(&mut self) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.recv();
+        }
+    }
+}
+
+thread_local! {
+    /// The backend's model thread, started on the first job. One long-lived thread rather than
+    /// one per job: no thread start per batch, and ONNX Runtime's per-thread state (CUDA
+    /// streams and library handles) is made once.
+    static MODEL_THREAD: RefCell<Option<std::sync::mpsc::Sender<VisionWork>>> = const { RefCell::new(None) };
+}
+
+/// Hands `item` to the model thread, starting it (with all signals blocked) if need be.
+fn send_to_model_thread(mut item: VisionWork) {
+    for _ in 0..2 {
+        let sender = MODEL_THREAD.with_borrow_mut(|t| {
+            t.get_or_insert_with(|| {
+                let (tx, rx) = std::sync::mpsc::channel::<VisionWork>();
+                rsclip_model::runtime::with_signals_blocked(|| {
+                    std::thread::Builder::new()
+                        .name("rsclip vision".into())
+                        .spawn(move || {
+                            while let Ok(VisionWork {
+                                mut encoder,
+                                work,
+                                reply,
+                            }) = rx.recv()
+                            {
+                                let out =
+                                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                        work(&mut encoder)
+                                    }));
+                                let _ = reply.send(out.map(|out| (encoder, out)));
+                            }
+                        })
+                })
+                .unwrap_or_else(|e| {
+                    error(
+                        PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+                        format!("rsclip: cannot start the model thread: {e}"),
+                    )
+                });
+                tx
+            })
+            .clone()
+        });
+        match sender.send(item) {
+            Ok(()) => return,
+            Err(std::sync::mpsc::SendError(back)) => {
+                // the thread is gone (it never should be): start another
+                MODEL_THREAD.with_borrow_mut(|t| *t = None);
+                item = back;
+            }
+        }
+    }
+    error(
+        PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+        "rsclip: the model thread does not take work",
+    )
 }
 
 #[derive(Default, Debug, Clone, Copy)]
@@ -274,14 +352,17 @@ fn join_jobs_before_exit() {
 
 /// on_proc_exit callback: waits for a running vision job (and drops its result).
 unsafe extern "C-unwind" fn join_vision_job_at_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
-    // No unwinding out of here: the state may be borrowed if a FATAL error hit inside
-    // `with_model`, and a job that panicked has nothing left to wait for.
+    drop_vision_job_quietly();
+}
+
+/// Waits for a running vision job and drops its result, for callbacks (exit, abort) that must
+/// not raise: skipped if the model state is in use.
+pub fn drop_vision_job_quietly() {
     let _ = std::panic::catch_unwind(|| {
         STATE.with(|cell| {
             if let Ok(mut state) = cell.try_borrow_mut() {
-                if let Some(job) = state.loaded.as_mut().and_then(|l| l.vision_job.take()) {
-                    let _ = job.handle.join();
-                }
+                // dropping the job waits for it
+                drop(state.loaded.as_mut().and_then(|l| l.vision_job.take()));
             }
         })
     });
@@ -347,11 +428,11 @@ impl Loaded {
         )
     }
 
-    /// Runs `work` with the vision session (loaded first if need be) on a new thread, so that the
-    /// backend can go on with SQL meanwhile; `join_vision` waits for it and returns its result.
-    /// Until then the session belongs to that thread: every other use of it joins first. The
-    /// thread never calls Postgres and starts with all signals blocked. An earlier job is joined
-    /// (and its result dropped) first.
+    /// Runs `work` with the vision session (loaded first if need be) on the backend's model
+    /// thread, so that the backend can go on with SQL meanwhile; `join_vision` waits for it and
+    /// returns its result. Until then the session belongs to that thread: every other use of it
+    /// joins first. The thread never calls Postgres and runs with all signals blocked. An earlier
+    /// job is joined (and its result dropped) first.
     pub fn spawn_vision<T: Send + 'static>(
         &mut self,
         counts: &mut LoadCounts,
@@ -359,22 +440,18 @@ impl Loaded {
     ) {
         self.vision(counts);
         join_jobs_before_exit();
-        let mut encoder = self.vision.take().expect("loaded");
-        let handle = rsclip_model::runtime::with_signals_blocked(|| {
-            std::thread::Builder::new()
-                .name("rsclip vision".into())
-                .spawn(move || {
-                    let out = work(&mut encoder);
-                    (encoder, Box::new(out) as Box<dyn std::any::Any + Send>)
-                })
-        })
-        .unwrap_or_else(|e| {
-            error(
-                PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-                format!("rsclip: cannot start a model thread: {e}"),
-            )
+        let encoder = self.vision.take().expect("loaded");
+        let (reply, receive) = std::sync::mpsc::channel();
+        send_to_model_thread(VisionWork {
+            encoder,
+            work: Box::new(move |e: &mut Encoder| {
+                Box::new(work(e)) as Box<dyn std::any::Any + Send>
+            }),
+            reply,
         });
-        self.vision_job = Some(VisionJob { handle });
+        self.vision_job = Some(VisionJob {
+            reply: Some(receive),
+        });
     }
 
     /// Waits for a background job to give the session back; its result, which only the caller
@@ -392,10 +469,10 @@ impl Loaded {
     /// result (None when there is no job, or it returned another type). A job that panicked
     /// took the session with it (the next use loads a new one); the panic goes on here.
     pub fn join_vision<T: 'static>(&mut self) -> Option<T> {
-        let job = self.vision_job.take()?;
-        let (encoder, out) = job
-            .handle
-            .join()
+        let reply = self.vision_job.take()?.reply.take()?;
+        let (encoder, out) = reply
+            .recv()
+            .ok()?
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
         self.vision = Some(encoder);
         out.downcast::<T>().ok().map(|b| *b)

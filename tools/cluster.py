@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 LOCAL = Path(os.environ["RSCLIP_LOCAL"])
@@ -98,11 +99,18 @@ class Cluster:
         if self.running():
             as_pg_user([str(self.bin / "pg_ctl"), "-D", str(self.data), "reload"], check=True, capture_output=True)
             return
-        r = as_pg_user([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                        "-w", "-t", "60", "start"], capture_output=True, text=True)
-        if r.returncode != 0:
+        # A port still held by a socket that is going away (or taken a moment by another
+        # program) makes the start fail; try again a few times before giving up.
+        for attempt in range(5):
+            r = as_pg_user([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                            "-w", "-t", "60", "start"], capture_output=True, text=True)
+            if r.returncode == 0:
+                return
             tail = as_pg_user(["tail", "-n", "30", str(self.log)], capture_output=True, text=True).stdout
-            sys.exit(f"could not start {self.name}-pg{self.major}:\n{r.stdout}{r.stderr}\n{tail}")
+            if "Address already in use" not in tail:
+                break
+            time.sleep(2)
+        sys.exit(f"could not start {self.name}-pg{self.major}:\n{r.stdout}{r.stderr}\n{tail}")
 
     def stop(self, mode="fast"):
         if self.running():

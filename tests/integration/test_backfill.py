@@ -16,7 +16,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 REFERENCE = json.loads((FIXTURES / "reference" / "reference.json").read_text())
 IMAGES = [(FIXTURES / "reference" / REFERENCE["images"][n]["file"]).read_bytes() for n in sorted(REFERENCE["images"])]
 GARBAGE = [b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b""]
-CRASH_PORT = 55480 + int(PG_MAJOR) % 10
+CRASH_PORT = 25480 + int(PG_MAJOR) % 10
 
 
 def make_table(c, name, n, garbage=(), nulls=0, slow_ms=0):

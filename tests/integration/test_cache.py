@@ -14,7 +14,7 @@ from conftest import PG_MAJOR, pg_bindir, uri_for
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 REFERENCE = json.loads((FIXTURES / "reference" / "reference.json").read_text())
-STANDBY_PORT = 55460 + int(PG_MAJOR) % 10 * 2
+STANDBY_PORT = 25460 + int(PG_MAJOR) % 10 * 2
 
 
 def image_bytes(name):

@@ -15,7 +15,7 @@ from clusters import db_uri, fresh_cluster, server_log, start_standby, wait_for,
 from conftest import PG_MAJOR
 from index_data import copy_rows, gaussian_mixture, recall, vec_text
 
-BASE_PORT = 55430 + int(PG_MAJOR) % 10 * 3
+BASE_PORT = 25430 + int(PG_MAJOR) % 10 * 3
 
 
 def setup_db(c):
