@@ -106,6 +106,18 @@ CREATE FUNCTION rsclip_backfill_encode(inputs bytea[], kind text, prefetch bytea
 COMMENT ON FUNCTION rsclip_backfill_encode(bytea[], text, bytea[]) IS
     'one batch of rsclip_backfill: embeddings (NULL where an input failed) and error messages; prefetch (a later batch) is decoded and encoded in the background meanwhile; empty inputs and prefetch forget what was handed over';
 
+-- The rows of a claimed batch whose ctid is in kept, in their order (a relock dropped the others).
+CREATE FUNCTION rsclip_backfill_keep(ctids tid[], xmins xid[], inputs bytea[], keys jsonb[], kept tid[],
+                                     OUT kept_ctids tid[], OUT kept_xmins xid[], OUT kept_inputs bytea[], OUT kept_keys jsonb[])
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT coalesce(array_agg(u.c ORDER BY u.o), '{}'), coalesce(array_agg(u.x ORDER BY u.o), '{}'),
+           coalesce(array_agg(u.s ORDER BY u.o), '{}'), coalesce(array_agg(u.k ORDER BY u.o), '{}')
+    FROM ROWS FROM (pg_catalog.unnest(ctids), pg_catalog.unnest(xmins), pg_catalog.unnest(inputs), pg_catalog.unnest(keys))
+         WITH ORDINALITY AS u(c, x, s, k, o)
+    WHERE u.c OPERATOR(pg_catalog.=) ANY (kept)
+$$;
+
 CREATE PROCEDURE rsclip_backfill(tbl regclass, src name, dst name, batch_size int DEFAULT NULL, kind text DEFAULT 'image')
     LANGUAGE plpgsql
 AS $proc$
@@ -338,20 +350,10 @@ BEGIN
                 IF cardinality(ahead_ctids) + cardinality(next_ctids) > 0 THEN
                     EXECUTE relock_sql INTO kept USING ahead_ctids || next_ctids, ahead_xmins || next_xmins;
                     IF cardinality(kept) < cardinality(ahead_ctids) + cardinality(next_ctids) THEN
-                        SELECT coalesce(array_agg(u.c ORDER BY u.o), '{}'), coalesce(array_agg(u.x ORDER BY u.o), '{}'),
-                               coalesce(array_agg(u.s ORDER BY u.o), '{}'), coalesce(array_agg(u.k ORDER BY u.o), '{}')
-                        INTO ahead_ctids, ahead_xmins, ahead_src, ahead_keys
-                        FROM ROWS FROM (pg_catalog.unnest(ahead_ctids), pg_catalog.unnest(ahead_xmins),
-                                        pg_catalog.unnest(ahead_src), pg_catalog.unnest(ahead_keys))
-                             WITH ORDINALITY AS u(c, x, s, k, o)
-                        WHERE u.c = ANY (kept);
-                        SELECT coalesce(array_agg(u.c ORDER BY u.o), '{}'), coalesce(array_agg(u.x ORDER BY u.o), '{}'),
-                               coalesce(array_agg(u.s ORDER BY u.o), '{}'), coalesce(array_agg(u.k ORDER BY u.o), '{}')
-                        INTO next_ctids, next_xmins, next_src, next_keys
-                        FROM ROWS FROM (pg_catalog.unnest(next_ctids), pg_catalog.unnest(next_xmins),
-                                        pg_catalog.unnest(next_src), pg_catalog.unnest(next_keys))
-                             WITH ORDINALITY AS u(c, x, s, k, o)
-                        WHERE u.c = ANY (kept);
+                        SELECT * INTO ahead_ctids, ahead_xmins, ahead_src, ahead_keys
+                        FROM @extschema@.rsclip_backfill_keep(ahead_ctids, ahead_xmins, ahead_src, ahead_keys, kept);
+                        SELECT * INTO next_ctids, next_xmins, next_src, next_keys
+                        FROM @extschema@.rsclip_backfill_keep(next_ctids, next_xmins, next_src, next_keys, kept);
                     END IF;
                 END IF;
             ELSIF cardinality(next_ctids) > 0 THEN

@@ -143,6 +143,16 @@ def test_batches_handed_over_ahead_are_matched_to_their_inputs(dbname):
         assert c.execute("SELECT rsclip_encode_image(%s)::text", (IMAGES[1],)).fetchone()[0] == want[1]
 
 
+def test_rows_a_relock_dropped_leave_the_batch_in_order(dbname):
+    with psycopg.connect(uri_for(dbname), autocommit=True) as c:
+        got = c.execute("""SELECT kept_ctids::text[], kept_xmins::text[], kept_inputs, kept_keys::text[]
+                           FROM rsclip_backfill_keep('{"(0,1)","(0,2)","(0,3)"}', '{5,6,7}',
+                                                     ARRAY['\\x01', '\\x02', '\\x03']::bytea[],
+                                                     ARRAY['{"id": 1}', NULL, '{"id": 3}']::jsonb[],
+                                                     '{"(0,3)","(0,1)","(9,9)"}')""").fetchone()
+        assert got == (["(0,1)", "(0,3)"], ["5", "7"], [b"\x01", b"\x03"], ['{"id": 1}', '{"id": 3}'])
+
+
 def test_backend_exit_waits_for_a_batch_in_the_model(dbname):
     """A batch handed over keeps the model busy after the call returns; a backend that exits (or
     is terminated) meanwhile must wait for it rather than crash on its way out, which would make
