@@ -220,7 +220,10 @@ fn forget_handed_over() {
 fn take_handed_over(images: &[&[u8]], settings: &Decoding) -> Vec<Option<Outcome>> {
     let holds_first = |inputs: &[Vec<u8>]| inputs.iter().any(|b| b.as_slice() == images[0]);
     let matched = |inputs: &[Vec<u8>], done: Vec<Outcome>| {
-        rsclip_core::in_order::take_in_order(inputs.iter().cloned().zip(done).collect(), images)
+        rsclip_core::in_order::take_in_order(
+            inputs.iter().map(Vec::as_slice).zip(done).collect(),
+            images,
+        )
     };
     if let Some(Ahead {
         settings: s,

@@ -69,53 +69,46 @@ thread_local! {
     static MODEL_THREAD: RefCell<Option<std::sync::mpsc::Sender<VisionWork>>> = const { RefCell::new(None) };
 }
 
-/// Hands `item` to the model thread, starting it (with all signals blocked) if need be.
-fn send_to_model_thread(mut item: VisionWork) {
-    for _ in 0..2 {
-        let sender = MODEL_THREAD.with_borrow_mut(|t| {
-            t.get_or_insert_with(|| {
-                let (tx, rx) = std::sync::mpsc::channel::<VisionWork>();
-                rsclip_model::runtime::with_signals_blocked(|| {
-                    std::thread::Builder::new()
-                        .name("rsclip vision".into())
-                        .spawn(move || {
-                            while let Ok(VisionWork {
-                                mut encoder,
-                                work,
-                                reply,
-                            }) = rx.recv()
-                            {
-                                let out =
-                                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                        work(&mut encoder)
-                                    }));
-                                let _ = reply.send(out.map(|out| (encoder, out)));
-                            }
-                        })
-                })
-                .unwrap_or_else(|e| {
-                    error(
-                        PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-                        format!("rsclip: cannot start the model thread: {e}"),
-                    )
-                });
-                tx
+/// Hands `item` to the model thread, starting it (with all signals blocked) if need be. The
+/// thread catches its jobs' panics, so it lives as long as the backend.
+fn send_to_model_thread(item: VisionWork) {
+    let sender = MODEL_THREAD.with_borrow_mut(|t| {
+        t.get_or_insert_with(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<VisionWork>();
+            rsclip_model::runtime::with_signals_blocked(|| {
+                std::thread::Builder::new()
+                    .name("rsclip vision".into())
+                    .spawn(move || {
+                        while let Ok(VisionWork {
+                            mut encoder,
+                            work,
+                            reply,
+                        }) = rx.recv()
+                        {
+                            let out =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    work(&mut encoder)
+                                }));
+                            let _ = reply.send(out.map(|out| (encoder, out)));
+                        }
+                    })
             })
-            .clone()
-        });
-        match sender.send(item) {
-            Ok(()) => return,
-            Err(std::sync::mpsc::SendError(back)) => {
-                // the thread is gone (it never should be): start another
-                MODEL_THREAD.with_borrow_mut(|t| *t = None);
-                item = back;
-            }
-        }
+            .unwrap_or_else(|e| {
+                error(
+                    PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+                    format!("rsclip: cannot start the model thread: {e}"),
+                )
+            });
+            tx
+        })
+        .clone()
+    });
+    if sender.send(item).is_err() {
+        error(
+            PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+            "rsclip: the model thread has stopped",
+        )
     }
-    error(
-        PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-        "rsclip: the model thread does not take work",
-    )
 }
 
 #[derive(Default, Debug, Clone, Copy)]
@@ -444,9 +437,7 @@ impl Loaded {
         let (reply, receive) = std::sync::mpsc::channel();
         send_to_model_thread(VisionWork {
             encoder,
-            work: Box::new(move |e: &mut Encoder| {
-                Box::new(work(e)) as Box<dyn std::any::Any + Send>
-            }),
+            work: Box::new(move |e: &mut Encoder| Box::new(work(e)) as JobResult),
             reply,
         });
         self.vision_job = Some(VisionJob {

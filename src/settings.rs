@@ -231,6 +231,14 @@ pub fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
 pub fn decode_threads() -> usize {
     match DECODE_THREADS.get() {
         n if n > 0 => n as usize,
-        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        _ => {
+            // std reads the cgroup's CPU quota from /proc and /sys on every call: once is enough
+            thread_local! {
+                static CORES: std::cell::OnceCell<usize> = const { std::cell::OnceCell::new() };
+            }
+            CORES.with(|c| {
+                *c.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            })
+        }
     }
 }

@@ -4,14 +4,14 @@
 /// whose key equals it, each entry used at most once; None where there is none, and such an
 /// input does not consume the entries after it. Used by the backfill, whose next batch is the
 /// prefetched one less the rows another backfill took meanwhile, in the same order.
-pub fn take_in_order<T>(entries: Vec<(Vec<u8>, T)>, inputs: &[&[u8]]) -> Vec<Option<T>> {
-    let (keys, mut values): (Vec<Vec<u8>>, Vec<Option<T>>) =
+pub fn take_in_order<K: AsRef<[u8]>, T>(entries: Vec<(K, T)>, inputs: &[&[u8]]) -> Vec<Option<T>> {
+    let (keys, mut values): (Vec<K>, Vec<Option<T>>) =
         entries.into_iter().map(|(k, v)| (k, Some(v))).unzip();
     let mut next = 0;
     inputs
         .iter()
         .map(|input| {
-            let at = next + keys[next..].iter().position(|k| k.as_slice() == *input)?;
+            let at = next + keys[next..].iter().position(|k| k.as_ref() == *input)?;
             next = at + 1;
             values[at].take()
         })
