@@ -7,7 +7,7 @@ PY := $(ENV) "$$RSCLIP_VENV/bin/python"
 ITEST_PORT := $(shell echo $$((25400 + $(PG))))
 FUZZ_SECONDS ?= 30
 
-.PHONY: setup build install lint unit pgtest itest test server stop demo bench bench-index bench-cache bench-backfill bench-encode base-model export-env fuzz fixture clean
+.PHONY: setup build install lint unit pgtest itest test server stop demo bench bench-index real-embeddings bench-cache bench-backfill bench-encode base-model export-env fuzz fixture clean
 
 setup:
 	@bash tools/setup.sh
@@ -70,10 +70,18 @@ bench: install
 
 # Approximate search: rsclip index vs pgvector HNSW / IVFFlat (QPS-recall curves, build time,
 # size; table + PNG in bench/results/). ROWS=1000000 for the by-hand large run.
-bench-index: install
+# BENCH_DATA picks the data sets (real: all-MiniLM-L6-v2 sentence embeddings, made first if missing).
+BENCH_DATA ?= real,clustered,uniform
+bench-index: install $(if $(findstring real,$(BENCH_DATA)),real-embeddings)
 	@$(ENV) "$$RSCLIP_VENV/bin/python" -c "import matplotlib" 2>/dev/null || "$$RSCLIP_VENV/bin/pip" install -q matplotlib==3.10.8
 	@$(PY) tools/cluster.py start --pg 18 --name bench --port 25518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
-	@$(PY) bench/index.py --uri postgresql://postgres@127.0.0.1:25518/postgres --rows $(ROWS) --maintenance-work-mem $(BENCH_MWM)
+	@$(PY) bench/index.py --uri postgresql://postgres@127.0.0.1:25518/postgres --rows $(ROWS) --maintenance-work-mem $(BENCH_MWM) --data $(BENCH_DATA)
+
+# Real sentence embeddings (bench/real_embeddings.py): resumable chunks under local/real-embeddings;
+# the 100k set takes about 15 minutes on 2 cores, the 1M set hours (run it in the background).
+REAL_ROWS ?= $(ROWS)
+real-embeddings: export-env
+	@$(ENV) $(EXPORT_PY) bench/real_embeddings.py embed --rows $(REAL_ROWS)
 
 # Text-query latency through the result cache: uncached, LRU hit, table hit (p50/p99).
 bench-cache: install
