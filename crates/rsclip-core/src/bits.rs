@@ -54,6 +54,43 @@ fn kernel() -> Kernel {
     })
 }
 
+/// A plane-count kernel: `plane_counts` without the length check and the dispatch. It is safe
+/// with any lengths (words past the shorter input are ignored), so a caller that has checked
+/// the lengths once may call it per code.
+pub type PlaneCountsKernel = fn(&[u8], &[u64]) -> PlaneCounts;
+
+/// The fastest [`PlaneCountsKernel`] this CPU runs.
+pub fn plane_counts_kernel() -> PlaneCountsKernel {
+    kernel()
+}
+
+/// Ask the CPU to start loading the cache lines that hold the first `len` bytes of `bytes`
+/// (all of them when shorter), without waiting for them. A scan calls it for every item of a
+/// page before it reads any: the items of one page are then fetched in parallel instead of one
+/// cache miss at a time (the hardware prefetcher does not learn a stride within 17 items).
+#[inline]
+pub fn prefetch(bytes: &[u8], len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let end = len.min(bytes.len());
+        let mut off = 0;
+        while off < end {
+            // SAFETY: a prefetch is only a hint: it never faults and has no visible effect, and
+            // the address is inside `bytes` anyway. SSE, which it needs, is part of x86-64.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(off) as *const i8) };
+            off += 64;
+        }
+        // The last line, when `end` is not line-aligned with the start.
+        if end > 0 {
+            // SAFETY: as above; `end - 1` is inside `bytes`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(end - 1) as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (bytes, len);
+}
+
 /// See [`PlaneCounts`]. `code.len()` must be a multiple of 8 and `planes.len() == code.len() / 2`.
 #[inline]
 pub fn plane_counts(code: &[u8], planes: &[u64]) -> PlaneCounts {

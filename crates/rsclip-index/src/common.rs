@@ -79,6 +79,63 @@ pub(crate) fn check_block(blk: BlockNumber, nblocks: BlockNumber, from: BlockNum
     Ok(())
 }
 
+/// Validates the blocks of one chain walk against the relation's size, asking for the size
+/// only when a block lies beyond the last answer: in Postgres `nblocks` is an `lseek` system
+/// call, and asking twice per page made it a large part of a scan. A chain may grow while it is
+/// walked (an insert extends the relation and links the new page), so a block past the cached
+/// size is only corrupt if it is past the fresh size too.
+pub(crate) struct ChainWalk {
+    head: BlockNumber,
+    nblocks: BlockNumber,
+    steps: u32,
+}
+
+impl ChainWalk {
+    pub(crate) fn new<R: Relation>(rel: &R, head: BlockNumber) -> ChainWalk {
+        ChainWalk {
+            head,
+            nblocks: rel.nblocks(),
+            steps: 0,
+        }
+    }
+
+    /// A walk that starts from a size learnt earlier (a scan walks many chains).
+    pub(crate) fn with_size(head: BlockNumber, nblocks: BlockNumber) -> ChainWalk {
+        ChainWalk {
+            head,
+            nblocks,
+            steps: 0,
+        }
+    }
+
+    /// The relation size last seen.
+    pub(crate) fn nblocks(&self) -> BlockNumber {
+        self.nblocks
+    }
+
+    /// Check `blk` (read from block `from`, or the head itself) before it is read.
+    pub(crate) fn step<R: Relation>(
+        &mut self,
+        rel: &R,
+        blk: BlockNumber,
+        from: BlockNumber,
+    ) -> Result<()> {
+        if blk >= self.nblocks {
+            self.nblocks = rel.nblocks();
+        }
+        check_block(blk, self.nblocks, from)?;
+        self.steps += 1;
+        if self.steps > self.nblocks {
+            // More pages than the relation has: the chain has a cycle.
+            self.nblocks = rel.nblocks();
+            if self.steps > self.nblocks {
+                return Err(Error::corrupt(self.head, "cycle in a list chain"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Check dimensions and values of an input vector; normalize it for cosine (returns `None` for
 /// a zero vector under cosine), zero-pad and rotate it.
 pub(crate) fn prepare(meta: &Meta, rot: &Rotation, x: &[f32]) -> Result<Option<Vec<f32>>> {

@@ -105,18 +105,17 @@ fn err<T>(msg: impl Into<String>) -> Result<T, FormatError> {
     Err(FormatError(msg.into()))
 }
 
+#[inline]
 fn u16_at(b: &[u8], off: usize) -> u16 {
     u16::from_le_bytes([b[off], b[off + 1]])
 }
 
+#[inline]
 fn u32_at(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
-fn f32_at(b: &[u8], off: usize) -> f32 {
-    f32::from_bits(u32_at(b, off))
-}
-
+#[inline]
 fn u64_at(b: &[u8], off: usize) -> u64 {
     u32_at(b, off) as u64 | (u32_at(b, off + 4) as u64) << 32
 }
@@ -354,45 +353,77 @@ pub fn list_tuple_tid(b: &[u8], padded_dims: usize) -> Result<Tid, FormatError> 
 
 impl<'a> ListTuple<'a> {
     /// Parse and validate a list tuple.
+    #[inline]
     pub fn decode(b: &'a [u8], padded_dims: usize) -> Result<ListTuple<'a>, FormatError> {
-        let tid = list_tuple_tid(b, padded_dims)?;
-        if u16_at(b, 6) != 0 {
-            return err(format!("list tuple has unknown flags {:#x}", u16_at(b, 6)));
+        // Runs once per probed tuple: the header is read as one fixed-size array (no per-field
+        // bounds checks) and every check is a plain comparison; messages are built only on
+        // failure.
+        if b.len() != list_tuple_size(padded_dims) {
+            return err(format!(
+                "list tuple has {} bytes, expected {}",
+                b.len(),
+                list_tuple_size(padded_dims)
+            ));
         }
-        let norm = f32_at(b, 8);
-        let dot_oo = f32_at(b, 12);
-        let rc = f32_at(b, 16);
-        if !(norm.is_finite() && norm >= 0.0) {
-            return err(format!("list tuple has invalid residual norm {norm}"));
+        let Some((h, rest)) = b.split_first_chunk::<LIST_TUPLE_HEADER>() else {
+            return err("list tuple shorter than its header");
+        };
+        let f = |o: usize| f32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+        let tid = Tid {
+            block: u32::from_le_bytes([h[0], h[1], h[2], h[3]]),
+            offset: u16::from_le_bytes([h[4], h[5]]),
+        };
+        let flags = u16::from_le_bytes([h[6], h[7]]);
+        let (norm, dot_oo, rc) = (f(8), f(12), f(16));
+        let valid = tid.offset != 0
+            && flags == 0
+            && norm.is_finite()
+            && norm >= 0.0
+            && dot_oo.is_finite()
+            && dot_oo > 0.0
+            && dot_oo <= 1.001
+            && rc.is_finite();
+        if !valid {
+            return Err(Self::header_error(tid, flags, norm, dot_oo));
         }
-        if !(dot_oo.is_finite() && dot_oo > 0.0 && dot_oo <= 1.001) {
-            return err(format!("list tuple has invalid <o,ō> {dot_oo}"));
-        }
-        if !rc.is_finite() {
-            return err("list tuple has non-finite <r,c>");
-        }
-        let code_end = LIST_TUPLE_HEADER + padded_dims / 8;
-        let (refine, refine_lo, refine_delta) = if has_refine(padded_dims) {
-            let lo = f32_at(b, code_end);
-            let delta = f32_at(b, code_end + 4);
-            if !(lo.is_finite() && delta.is_finite() && delta >= 0.0) {
-                return err(format!(
-                    "list tuple has invalid refinement scale {lo} {delta}"
-                ));
+        let (code, rest) = rest.split_at(padded_dims / 8);
+        let (refine, refine_lo, refine_delta) = match rest.split_first_chunk::<REFINE_HEADER>() {
+            Some((r, u)) => {
+                let lo = f32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+                let delta = f32::from_le_bytes([r[4], r[5], r[6], r[7]]);
+                if !(lo.is_finite() && delta.is_finite() && delta >= 0.0) {
+                    return err(format!(
+                        "list tuple has invalid refinement scale {lo} {delta}"
+                    ));
+                }
+                (u, lo, delta)
             }
-            (&b[code_end + REFINE_HEADER..], lo, delta)
-        } else {
-            (&b[code_end..code_end], 0.0, 0.0)
+            None => (rest, 0.0, 0.0),
         };
         Ok(ListTuple {
             tid,
             norm,
             dot_oo,
             rc,
-            code: &b[LIST_TUPLE_HEADER..code_end],
+            code,
             refine,
             refine_lo,
             refine_delta,
+        })
+    }
+
+    #[cold]
+    fn header_error(tid: Tid, flags: u16, norm: f32, dot_oo: f32) -> FormatError {
+        FormatError(if tid.offset == 0 {
+            "list tuple has heap offset 0".to_string()
+        } else if flags != 0 {
+            format!("list tuple has unknown flags {flags:#x}")
+        } else if !(norm.is_finite() && norm >= 0.0) {
+            format!("list tuple has invalid residual norm {norm}")
+        } else if !(dot_oo.is_finite() && dot_oo > 0.0 && dot_oo <= 1.001) {
+            format!("list tuple has invalid <o,ō> {dot_oo}")
+        } else {
+            "list tuple has non-finite <r,c>".to_string()
         })
     }
 }

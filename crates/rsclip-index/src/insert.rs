@@ -10,7 +10,7 @@
 //! leaves an orphan page (see [`crate::check()`]).
 
 use crate::common::{
-    centroid_distance, check_block, encode_tuple, prepare, read_meta, walk_centroids,
+    centroid_distance, encode_tuple, prepare, read_meta, walk_centroids, ChainWalk,
 };
 use crate::format::PAGE_LIST;
 use crate::page::{fits, Opaque, PageRead, PageWrite, Relation};
@@ -69,13 +69,9 @@ pub(crate) fn insert_into_list<R: Relation>(
 ) -> Result<()> {
     let mut blk = head;
     let mut from = head;
-    let mut steps = 0u32;
+    let mut walk = ChainWalk::new(rel, head);
     loop {
-        check_block(blk, rel.nblocks(), from)?;
-        steps += 1;
-        if steps > rel.nblocks() {
-            return Err(Error::corrupt(head, "cycle in a list chain"));
-        }
+        walk.step(rel, blk, from)?;
         let (room, next) = {
             let page = rel.read(blk);
             expect_list_page(page.opaque().flags, blk)?;

@@ -26,14 +26,15 @@
 //! (`None`) are skipped. The scan holds at most one share lock at a time and none while calling
 //! the callback; it does not borrow the relation between calls.
 
-use crate::common::{centroid_distance, check_block, prepare, read_meta, walk_centroids};
-use crate::format::{ListTuple, Meta, PAGE_LIST};
+use crate::common::{centroid_distance, prepare, read_meta, walk_centroids, ChainWalk};
+use crate::format::{ListTuple, Meta, LIST_TUPLE_HEADER, PAGE_LIST, REFINE_HEADER};
 use crate::page::{PageRead, Relation};
 use crate::rabitq::{refine_estimate, QueryQuant, Rotation};
 use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK};
 use rsclip_core::distance::dot;
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 /// Default number of lists to probe: `ceil(sqrt(lists))`, at least 1.
@@ -165,12 +166,21 @@ pub struct Scan {
     limit: usize,
     centroids: Arc<Centroids>,
     candidates: BinaryHeap<Reverse<Keyed>>,
+    /// Candidates whose lower bound was above the refinement threshold when they were
+    /// estimated: they can only matter once the first [`REFINE_TOP`] rows are gone, so they wait
+    /// here, unsorted, instead of costing a heap push each (most probed tuples end here).
+    deferred: Vec<Keyed>,
+    /// The smallest key in `deferred` (infinity when empty): no candidate above it may be
+    /// popped before `deferred` is moved into `candidates`.
+    deferred_min: f32,
     results: BinaryHeap<Reverse<Keyed>>,
-    seen: HashSet<Tid>,
+    seen: HashSet<Tid, BuildHasherDefault<TidHasher>>,
     /// The [`REFINE_TOP`] smallest refined upper bounds seen so far (a max-heap): a tuple whose
     /// 1-bit lower bound exceeds the largest of them cannot be among the first `REFINE_TOP`
     /// rows, so its 8-bit refinement is skipped.
     refined_upper: BinaryHeap<OrdF32>,
+    /// The relation size last seen (see [`ChainWalk`]); 0 until the first probe asks.
+    nblocks: BlockNumber,
     stats: ScanStats,
 }
 
@@ -223,9 +233,12 @@ impl Scan {
             limit,
             centroids: Arc::clone(&centroids),
             candidates: BinaryHeap::new(),
+            deferred: Vec::new(),
+            deferred_min: f32::INFINITY,
             results: BinaryHeap::new(),
-            seen: HashSet::new(),
+            seen: HashSet::default(),
             refined_upper: BinaryHeap::with_capacity(REFINE_TOP + 1),
+            nblocks: 0,
             stats: ScanStats::default(),
         };
         let Some(q) = prepare(&meta, &centroids.rot, query)? else {
@@ -245,12 +258,12 @@ impl Scan {
                     head,
                 }),
         );
-        // Only the first `limit` lists can ever be probed: order just those.
+        // Only the first `limit` lists can ever be probed: keep just those. They are ordered a
+        // batch at a time as the scan reaches them (most scans never go past the first batch).
         if limit < nlists {
             scan.order.select_nth_unstable_by(limit, list_order);
             scan.order.truncate(limit);
         }
-        scan.order.sort_unstable_by(list_order);
         scan.query = q;
         Ok(scan)
     }
@@ -269,6 +282,15 @@ impl Scan {
         rerank: &mut dyn FnMut(Tid) -> Option<f32>,
     ) -> Result<Option<(Tid, f32)>> {
         loop {
+            if !self.deferred.is_empty()
+                && self
+                    .candidates
+                    .peek()
+                    .is_none_or(|c| c.0.key > self.deferred_min)
+            {
+                self.candidates.extend(self.deferred.drain(..).map(Reverse));
+                self.deferred_min = f32::INFINITY;
+            }
             let best_result = self.results.peek().map(|r| r.0);
             let best_candidate = self.candidates.peek().map(|c| c.0);
             match (best_result, best_candidate) {
@@ -306,6 +328,11 @@ impl Scan {
             return Ok(false);
         }
         let end = (self.next_list + self.probes).min(self.limit);
+        let rest = &mut self.order[self.next_list..];
+        if end - self.next_list < rest.len() {
+            rest.select_nth_unstable_by(end - self.next_list, list_order);
+        }
+        rest[..end - self.next_list].sort_unstable_by(list_order);
         let batch: Vec<ListRef> = self.order[self.next_list..end].to_vec();
         self.next_list = end;
         let centroids = Arc::clone(&self.centroids);
@@ -326,13 +353,9 @@ impl Scan {
         self.stats.lists_probed += 1;
         let mut blk = r.head;
         let mut from = r.head;
-        let mut steps = 0u32;
+        let mut walk = ChainWalk::with_size(r.head, self.nblocks);
         while blk != INVALID_BLOCK {
-            check_block(blk, rel.nblocks(), from)?;
-            steps += 1;
-            if steps > rel.nblocks() {
-                return Err(Error::corrupt(r.head, "cycle in a list chain"));
-            }
+            walk.step(rel, blk, from)?;
             // Estimated in place under the share lock (no callback runs here): copying the
             // page first cost a fifth of the scan.
             let page = rel.read(blk);
@@ -343,6 +366,14 @@ impl Scan {
                     blk,
                     format!("expected a list page, flags are {:#x}", opaque.flags),
                 ));
+            }
+            // What the first stage reads of each tuple: the header and the 1-bit code (and
+            // the refinement scale right after it).
+            let first_stage = LIST_TUPLE_HEADER + d / 8 + REFINE_HEADER;
+            for off in 1..=page.max_offset() {
+                if let Some(b) = page.item(off) {
+                    rsclip_core::bits::prefetch(b, first_stage);
+                }
             }
             for off in 1..=page.max_offset() {
                 let i = off as usize - 1;
@@ -357,7 +388,17 @@ impl Scan {
                 } else {
                     f32::INFINITY
                 };
-                if !t.refine.is_empty() && lower <= threshold {
+                self.stats.tuples_estimated += 1;
+                if lower > threshold {
+                    // Cannot be among the first REFINE_TOP rows: defer it (see `deferred`).
+                    self.deferred_min = self.deferred_min.min(lower);
+                    self.deferred.push(Keyed {
+                        key: lower,
+                        tid: t.tid,
+                    });
+                    continue;
+                }
+                if !t.refine.is_empty() {
                     // Second stage: the 8-bit code bounds the distance ~50x tighter than the
                     // 1-bit one, so only near-ties are left for the exact re-rank.
                     let fine =
@@ -384,13 +425,38 @@ impl Scan {
                     key: lower,
                     tid: t.tid,
                 }));
-                self.stats.tuples_estimated += 1;
             }
             drop(page);
             from = blk;
             blk = opaque.next;
         }
+        self.nblocks = walk.nblocks();
         Ok(())
+    }
+}
+
+/// Hashes a heap tid with one multiply: the `seen` set is probed once per re-ranked row, and
+/// SipHash's flooding resistance buys nothing for tids the index itself produced.
+#[derive(Default)]
+struct TidHasher(u64);
+
+impl Hasher for TidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u16(&mut self, v: u16) {
+        self.write_u64(v as u64);
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(v as u64);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(29) ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 

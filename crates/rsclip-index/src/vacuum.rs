@@ -7,7 +7,7 @@
 //! WAL record per modified page. Empty pages stay in their chains and are reused by inserts
 //! (which take the first page with room), so churn does not grow the index without bound.
 
-use crate::common::{check_block, read_meta, walk_centroids, PageCopy};
+use crate::common::{read_meta, walk_centroids, ChainWalk, PageCopy};
 use crate::format::{list_tuple_tid, PAGE_LIST};
 use crate::page::{PageRead, PageWrite, Relation};
 use crate::{Error, Result, Tid, INVALID_BLOCK};
@@ -49,13 +49,9 @@ pub fn bulk_delete<R: Relation>(
     for head in heads {
         let mut blk = head;
         let mut from = head;
-        let mut steps = 0u32;
+        let mut walk = ChainWalk::new(rel, head);
         while blk != INVALID_BLOCK {
-            check_block(blk, rel.nblocks(), from)?;
-            steps += 1;
-            if steps > rel.nblocks() {
-                return Err(Error::corrupt(head, "cycle in a list chain"));
-            }
+            walk.step(rel, blk, from)?;
             page.load(rel, blk);
             stats.pages_visited += 1;
             if page.opaque().flags != PAGE_LIST {

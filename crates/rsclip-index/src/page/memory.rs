@@ -123,6 +123,8 @@ pub struct IoStats {
     pub writes: u64,
     /// `extend()` calls.
     pub extends: u64,
+    /// `nblocks()` calls (a system call in Postgres).
+    pub size_queries: u64,
 }
 
 const SEG0: u64 = 64;
@@ -143,6 +145,7 @@ pub struct MemoryRelation {
     reads: AtomicU64,
     writes: AtomicU64,
     extends: AtomicU64,
+    size_queries: AtomicU64,
     journal: Mutex<Option<Vec<(BlockNumber, MemPage)>>>,
 }
 
@@ -155,7 +158,7 @@ impl Default for MemoryRelation {
 impl std::fmt::Debug for MemoryRelation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryRelation")
-            .field("nblocks", &self.nblocks())
+            .field("nblocks", &self.nblocks.load(Ordering::Acquire))
             .finish()
     }
 }
@@ -250,15 +253,16 @@ impl MemoryRelation {
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             extends: AtomicU64::new(0),
+            size_queries: AtomicU64::new(0),
             journal: Mutex::new(None),
         }
     }
 
     fn slot(&self, blk: BlockNumber) -> &RwLock<MemPage> {
         assert!(
-            blk < self.nblocks(),
+            blk < self.nblocks.load(Ordering::Acquire),
             "block {blk} is beyond the end of the relation ({} blocks)",
-            self.nblocks()
+            self.nblocks.load(Ordering::Acquire)
         );
         let (s, i) = locate(blk);
         &self.segments[s]
@@ -272,6 +276,7 @@ impl MemoryRelation {
             reads: self.reads.load(Ordering::Relaxed),
             writes: self.writes.load(Ordering::Relaxed),
             extends: self.extends.load(Ordering::Relaxed),
+            size_queries: self.size_queries.load(Ordering::Relaxed),
         }
     }
 
@@ -280,6 +285,7 @@ impl MemoryRelation {
         self.reads.store(0, Ordering::Relaxed);
         self.writes.store(0, Ordering::Relaxed);
         self.extends.store(0, Ordering::Relaxed);
+        self.size_queries.store(0, Ordering::Relaxed);
     }
 
     /// A copy of block `blk` (must exist); takes a share lock and counts nothing.
@@ -386,6 +392,7 @@ impl Relation for MemoryRelation {
     }
 
     fn nblocks(&self) -> BlockNumber {
+        self.size_queries.fetch_add(1, Ordering::Relaxed);
         self.nblocks.load(Ordering::Acquire)
     }
 }

@@ -455,6 +455,24 @@ fn page_access_counts() {
     let io = rel.io_stats();
     assert_eq!((io.writes, io.extends), (0, 0));
     assert!(io.reads <= 1 + report.centroid_pages as u64 + report.longest_chain as u64);
+    // The relation size (an lseek in Postgres) is asked a bounded number of times, not once
+    // per page: a scan over every list of a multi-page index.
+    rel.reset_io_stats();
+    let out = search(
+        &rel,
+        Metric::L2,
+        &data,
+        dims,
+        &|_| true,
+        &data[..dims],
+        usize::MAX,
+        4,
+        0,
+    );
+    assert!(out.rows.len() >= 500, "{}", out.rows.len());
+    let io = rel.io_stats();
+    assert!(io.reads > 8, "{io:?}");
+    assert!(io.size_queries <= 4, "{io:?}");
 }
 
 #[test]
