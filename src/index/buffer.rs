@@ -31,16 +31,49 @@ struct Special {
 
 const _: () = assert!(std::mem::size_of::<Special>() == SPECIAL_SIZE);
 
+/// `SizeOfPageHeaderData`: where the line pointer array starts.
+const PAGE_HEADER_SIZE: usize = std::mem::offset_of!(pg_sys::PageHeaderData, pd_linp);
+
+/// The header fields a reader needs, read in Rust. The `PageGet*` helpers are static inline
+/// functions in C that pgrx reaches through a guarded shim (a `sigsetjmp` per call); called per
+/// item they were a fifth of an index scan's time.
+///
+/// # Safety
+/// `page` must point to a whole page that stays valid and locked for the call.
+#[inline]
+unsafe fn header(page: pg_sys::Page) -> (usize, usize) {
+    // SAFETY: (caller) a valid page; PageHeaderData is its first bytes.
+    let h = unsafe { &*(page as *const pg_sys::PageHeaderData) };
+    (h.pd_lower as usize, h.pd_special as usize)
+}
+
+/// Number of line pointers (`PageGetMaxOffsetNumber`), 0 for a page whose `pd_lower` is not past
+/// the header (a new, all-zero page).
+///
+/// # Safety
+/// As for [`header`].
+#[inline]
+unsafe fn max_offset(page: pg_sys::Page) -> u16 {
+    // SAFETY: (caller).
+    let (lower, _) = unsafe { header(page) };
+    (lower
+        .min(pg_sys::BLCKSZ as usize)
+        .saturating_sub(PAGE_HEADER_SIZE)
+        / std::mem::size_of::<pg_sys::ItemIdData>()) as u16
+}
+
 /// Reads the special area.
 ///
 /// # Safety
-/// `page` must point to a whole, initialized page that stays valid and locked for the call.
+/// As for [`header`].
 unsafe fn special(page: pg_sys::Page) -> Special {
-    // SAFETY: (caller) an initialized page; PageInit made the special area SPECIAL_SIZE bytes.
-    // An uninitialized (all-zero) page has pd_special = 0: report it as flags 0, the trait's
-    // "never initialized" value, instead of reading the header as a special area.
+    // SAFETY: (caller) a valid page. The special area is read only when it is exactly
+    // SPECIAL_SIZE bytes at the end of the page, as PageInit made ours. An uninitialized
+    // (all-zero) page has pd_special = 0: report it as flags 0, the trait's "never
+    // initialized" value, instead of reading the header as a special area.
     unsafe {
-        if pgrx::pg_sys::PageGetSpecialSize(page) as usize != SPECIAL_SIZE {
+        let (_, sp) = header(page);
+        if sp != pg_sys::BLCKSZ as usize - SPECIAL_SIZE {
             return Special {
                 next: u32::MAX,
                 flags: 0,
@@ -48,31 +81,33 @@ unsafe fn special(page: pg_sys::Page) -> Special {
                 reserved: 0,
             };
         }
-        std::ptr::read_unaligned(pgrx::pg_sys::PageGetSpecialPointer(page) as *const Special)
+        std::ptr::read_unaligned((page as *const u8).add(sp) as *const Special)
     }
 }
 
 /// Start and length of item `off` of `page`, if it is a used line pointer inside the page.
 ///
 /// # Safety
-/// As for [`special`].
+/// As for [`header`].
+#[inline]
 unsafe fn item_range(page: pg_sys::Page, off: u16) -> Option<(usize, usize)> {
-    // SAFETY: (caller) a valid locked page. Line pointers are checked against the page bounds
-    // before anything is sliced, so a corrupt pointer yields None rather than a wild slice.
+    // SAFETY: (caller) a valid locked page. `off` is checked against the line pointer count
+    // (itself bounded by the page size) before its pointer is read, and the pointer is checked
+    // against the page bounds before anything is sliced, so a corrupt pointer yields None
+    // rather than a wild slice.
     unsafe {
-        let max = pgrx::pg_sys::PageGetMaxOffsetNumber(page);
-        if off == 0 || off > max {
+        if off == 0 || off > max_offset(page) {
             return None;
         }
-        let id = pgrx::pg_sys::PageGetItemId(page, off);
-        if (*id).lp_flags() != pg_sys::LP_NORMAL {
+        let id = &*((page as *const u8)
+            .add(PAGE_HEADER_SIZE + (off as usize - 1) * std::mem::size_of::<pg_sys::ItemIdData>())
+            as *const pg_sys::ItemIdData);
+        if id.lp_flags() != pg_sys::LP_NORMAL {
             return None;
         }
-        let (start, len) = ((*id).lp_off() as usize, (*id).lp_len() as usize);
-        let special = (*(page as *const pg_sys::PageHeaderData)).pd_special as usize;
-        if start < std::mem::size_of::<pg_sys::PageHeaderData>()
-            || start + len > special.min(pg_sys::BLCKSZ as usize)
-        {
+        let (start, len) = (id.lp_off() as usize, id.lp_len() as usize);
+        let (_, special) = header(page);
+        if start < PAGE_HEADER_SIZE || start + len > special.min(pg_sys::BLCKSZ as usize) {
             return None;
         }
         Some((start, len))
@@ -160,7 +195,7 @@ macro_rules! impl_page_read {
             }
             fn max_offset(&self) -> u16 {
                 // SAFETY: as above.
-                unsafe { pgrx::pg_sys::PageGetMaxOffsetNumber(self.page) }
+                unsafe { max_offset(self.page) }
             }
             fn item(&self, off: u16) -> Option<&[u8]> {
                 // SAFETY: as above; the slice borrows `self`.
