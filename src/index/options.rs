@@ -27,7 +27,7 @@ pub fn register() {
         pg_sys::add_int_reloption(
             kind as _,
             c"lists".as_ptr(),
-            c"Number of IVF lists (0 = rows/1000 up to 1M rows, sqrt(rows) beyond)".as_ptr(),
+            c"Number of IVF lists (0 = rows/300 up to 1M rows, sqrt(rows)*10/3 beyond)".as_ptr(),
             0,
             0,
             MAX_LISTS,

@@ -47,9 +47,9 @@
 //! assert_eq!(check(&rel).unwrap().tids.len(), 101);
 //! ```
 //!
-//! Defaults: [`default_lists`]`(rows)` = rows/1000 up to 1M rows, sqrt(rows) beyond (≥ 1);
+//! Defaults: [`default_lists`]`(rows)` = rows/300 up to 1M rows, sqrt(rows)·10/3 beyond (≥ 1);
 //! [`sample_size`]`(lists)` = max(50 × lists, 10 000); [`default_probes`]`(lists)` =
-//! ceil(sqrt(lists)).
+//! ceil(1.5 · sqrt(lists)) + 1.
 //!
 //! ## Rules every operation follows (the Postgres glue relies on them)
 //!

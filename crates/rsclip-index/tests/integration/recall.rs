@@ -186,3 +186,89 @@ fn rel_bytes(rel: &MemoryRelation) -> f64 {
     use rsclip_index::page::Relation;
     rel.nblocks() as f64 * 8192.0
 }
+
+/// Reads a little-endian float16 `.npy` matrix (the committed real-embedding sample).
+fn read_npy_f16(path: &std::path::Path) -> (Vec<f32>, usize) {
+    let b = std::fs::read(path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (made by bench/real_embeddings.py sample)",
+            path.display()
+        )
+    });
+    assert_eq!(&b[..6], b"\x93NUMPY", "{} is not .npy", path.display());
+    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+    let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
+    assert!(header.contains("'<f2'"), "float16 expected: {header}");
+    let cols: usize = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(',').nth(1))
+        .and_then(|s| s.trim().trim_end_matches(')').parse().ok())
+        .expect("a 2-d shape");
+    let data: Vec<f32> = b[10 + hlen..]
+        .chunks_exact(2)
+        .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+        .collect();
+    assert!(!data.is_empty() && data.len().is_multiple_of(cols));
+    (data, cols)
+}
+
+/// IEEE binary16 to f32 (normal, subnormal, zero, infinity, NaN).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0f32 } else { 1.0 };
+    let exp = ((h >> 10) & 0x1f) as i32;
+    let frac = (h & 0x3ff) as f32;
+    sign * match exp {
+        0 => frac * (-24f32).exp2(),
+        31 if frac == 0.0 => f32::INFINITY,
+        31 => f32::NAN,
+        e => (1.0 + frac / 1024.0) * ((e - 15) as f32).exp2(),
+    }
+}
+
+#[test]
+fn f16_decoding() {
+    assert_eq!(f16_to_f32(0x3c00), 1.0);
+    assert_eq!(f16_to_f32(0xc000), -2.0);
+    assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
+    assert_eq!(f16_to_f32(0x0001), (-24f32).exp2());
+    assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
+    assert!(f16_to_f32(0x7e00).is_nan());
+}
+
+/// Real sentence embeddings (all-MiniLM-L6-v2 on Debian documentation, 4000 rows and 100
+/// held-out queries committed under tests/fixtures/real-minilm): the default lists and probes
+/// must reach recall@10 0.95, on data that is not a Gaussian mixture.
+#[test]
+fn real_minilm_4000_defaults() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/real-minilm");
+    let (data, dims) = read_npy_f16(&dir.join("base.npy"));
+    let (queries, qdims) = read_npy_f16(&dir.join("queries.npy"));
+    assert_eq!(
+        (dims, qdims, data.len() / dims, queries.len() / dims),
+        (384, 384, 4000, 100)
+    );
+    for metric in [Metric::InnerProduct, Metric::Cosine, Metric::L2] {
+        let rel = MemoryRelation::new();
+        let stats = build_default(&rel, metric, dims, &data);
+        let probes = default_probes(stats.lists);
+        let alive = vec![true; data.len() / dims];
+        let r = recall(&rel, metric, &data, dims, &alive, &queries, 10, probes);
+        println!(
+            "real MiniLM {metric:?}: lists={} probes={probes}: recall@10 {:.4}, re-ranked/query {:.1}",
+            stats.lists, r.recall, r.mean_reranked
+        );
+        assert!(
+            r.recall >= 0.95,
+            "{metric:?}: recall {} with the defaults",
+            r.recall
+        );
+        // The bounds must be tight enough that a LIMIT 10 re-ranks few heap rows.
+        assert!(
+            r.mean_reranked < 40.0,
+            "{metric:?}: {} re-ranks per query",
+            r.mean_reranked
+        );
+    }
+}
