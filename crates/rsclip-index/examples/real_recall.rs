@@ -48,6 +48,8 @@ fn main() {
     let mut lists = 0u32;
     let mut probes_list = vec![8u32, 16, 32, 64];
     let mut threads = 2usize;
+    // repeat=N runs each sweep point N times over the queries, so that a profile is the scan's
+    let mut repeat = 1usize;
     for a in &args[4..] {
         if let Some(v) = a.strip_prefix("lists=") {
             lists = v.parse().unwrap();
@@ -55,6 +57,8 @@ fn main() {
             probes_list = v.split(',').map(|p| p.parse().unwrap()).collect();
         } else if let Some(v) = a.strip_prefix("threads=") {
             threads = v.parse().unwrap();
+        } else if let Some(v) = a.strip_prefix("repeat=") {
+            repeat = v.parse().unwrap();
         }
     }
     let mut all = Vec::new();
@@ -147,7 +151,12 @@ fn main() {
         let (mut hits, mut st) = (0usize, ScanStats::default());
         let mut start_time = 0f64;
         let t = Instant::now();
-        for (qi, q) in queries.chunks_exact(dims).enumerate() {
+        for (qi, q) in queries
+            .chunks_exact(dims)
+            .enumerate()
+            .cycle()
+            .take(nq * repeat)
+        {
             let t0 = Instant::now();
             let mut scan = Scan::with_centroids(cent.clone(), q, probes, probes).unwrap();
             start_time += t0.elapsed().as_secs_f64();
@@ -167,17 +176,20 @@ fn main() {
             st.tuples_refined += s.tuples_refined;
             st.reranked += s.reranked;
             st.pages_read += s.pages_read;
+            st.refine_pages_read += s.refine_pages_read;
         }
+        let nq = nq * repeat;
         let per_q = t.elapsed().as_secs_f64() * 1e6 / nq as f64;
         let n = nq as u64;
         println!(
-            "lists {lists} probes {probes:4}: recall@10 {:.4}  {per_q:8.1} us/query ({:.1} starting)  estimated {} refined {} reranked {} pages {}",
+            "lists {lists} probes {probes:4}: recall@10 {:.4}  {per_q:8.1} us/query ({:.1} starting)  estimated {} refined {} reranked {} pages {} + {}",
             hits as f64 / (10 * nq) as f64,
             start_time * 1e6 / nq as f64,
             st.tuples_estimated / n,
             st.tuples_refined / n,
             st.reranked / n,
-            st.pages_read / n
+            st.pages_read / n,
+            st.refine_pages_read / n
         );
     }
 }
@@ -185,7 +197,7 @@ fn main() {
 /// `micro`: the cost of each step of a probe on random data, to see where a scan's time goes.
 #[allow(dead_code)]
 pub fn micro(d: usize) {
-    use rsclip_index::format::{encode_list_tuple, ListTuple};
+    use rsclip_index::format::{encode_list_tuple, encode_refine_tuple, ListTuple, RefineTuple};
     use rsclip_index::rabitq::{encode, quantize_u8, refine_estimate, QueryQuant};
     let mut rng = rsclip_index::rng::Rng::new(5);
     let n = 2000;
@@ -194,6 +206,7 @@ pub fn micro(d: usize) {
         .collect();
     let w: Vec<f32> = (0..d).map(|_| rng.gaussian() as f32).collect();
     let mut tuples = Vec::new();
+    let mut refines = Vec::new();
     for (i, v) in vs.iter().enumerate() {
         let c = encode(v);
         let (lo, delta, u) = quantize_u8(v);
@@ -202,16 +215,11 @@ pub fn micro(d: usize) {
             block: i as u32,
             offset: 1,
         };
-        encode_list_tuple(
-            &mut t,
-            tid,
-            c.norm,
-            c.dot_oo,
-            0.1,
-            &c.bits,
-            Some((lo, delta, &u[..])),
-        );
+        encode_list_tuple(&mut t, tid, c.norm, c.dot_oo, 0.1, &c.bits, 1, 1);
         tuples.push(t);
+        let mut r = Vec::new();
+        encode_refine_tuple(&mut r, tid, lo, delta, &u);
+        refines.push(r);
     }
     let reps = 200;
     let t = Instant::now();
@@ -249,9 +257,9 @@ pub fn micro(d: usize) {
     let (ws, wn) = (w.iter().sum::<f32>(), qq.norm());
     let t = Instant::now();
     for _ in 0..reps {
-        for b in &tuples {
-            let t = ListTuple::decode(b, d).unwrap();
-            acc += refine_estimate(t.refine_lo, t.refine_delta, t.refine, &w, ws, wn).value;
+        for b in &refines {
+            let t = RefineTuple::decode(b, d).unwrap();
+            acc += refine_estimate(t.lo, t.delta, t.codes, &w, ws, wn).value;
         }
     }
     println!(

@@ -21,8 +21,9 @@
 
 use crate::common::{encode_tuple, prepare};
 use crate::format::{
-    centroid_chunk_capacity, encode_centroid_chunk, list_tuple_size, Meta, META_BLOCK,
-    PAGE_CENTROID, PAGE_LIST, PAGE_META, ROTATION_ROUNDS,
+    centroid_chunk_capacity, encode_centroid_chunk, has_refine, list_tuple_size, refine_tuple_size,
+    set_refine_location, Meta, META_BLOCK, PAGE_CENTROID, PAGE_LIST, PAGE_META, PAGE_REFINE,
+    ROTATION_ROUNDS,
 };
 use crate::page::{fits, Opaque, PageRead, PageWrite, Relation};
 use crate::rabitq::{padded_dims, Rotation};
@@ -91,21 +92,31 @@ pub struct IndexBuilder<'r, R: Relation> {
     rot: Rotation,
     /// Rotated centroids, `nlists × D`.
     cents: Vec<f32>,
+    /// Tail page of each list's code chain and refinement chain.
     tails: Vec<BlockNumber>,
+    refine_tails: Vec<BlockNumber>,
+    /// Buffered code and refinement tuples of each list (the code tuples not yet pointing at
+    /// their refinement block).
     buffers: Vec<Vec<u8>>,
+    refine_buffers: Vec<Vec<u8>>,
     buffered: usize,
     limit: usize,
     stats: BuildStats,
     scratch: Vec<u8>,
+    refine_scratch: Vec<u8>,
+    placed: Vec<(BlockNumber, u16)>,
 }
 
-/// Append whole tuples (`data` is a concatenation of `tsize`-byte tuples) to the chain whose
-/// tail is `tail`; returns the new tail. Build only (no concurrent access).
+/// Append whole tuples (`data` is a concatenation of `tsize`-byte tuples) to the chain of
+/// `flags` pages whose tail is `tail`, pushing each tuple's block onto `placed`; returns the new
+/// tail. Build only (no concurrent access).
 fn append_tuples<R: Relation>(
     rel: &R,
     tail: BlockNumber,
     data: &[u8],
     tsize: usize,
+    flags: u16,
+    placed: &mut Vec<(BlockNumber, u16)>,
 ) -> Result<BlockNumber> {
     let mut cur_blk = tail;
     let mut cur = rel.write(tail);
@@ -115,20 +126,23 @@ fn append_tuples<R: Relation>(
             if !fits(&cur, t.len()) {
                 break;
             }
-            cur.add_item(t)
+            let off = cur
+                .add_item(t)
                 .ok_or_else(|| Error::corrupt(cur_blk, "page refused an item that fits"))?;
+            placed.push((cur_blk, off));
             rest.next();
         }
         if rest.peek().is_none() {
             return Ok(cur_blk);
         }
         let (nb, mut nw) = rel.extend();
-        nw.reinit(Opaque::new(PAGE_LIST));
+        nw.reinit(Opaque::new(flags));
         let mut added = 0;
         while let Some(t) = rest.peek() {
-            if nw.add_item(t).is_none() {
+            let Some(off) = nw.add_item(t) else {
                 break;
-            }
+            };
+            placed.push((nb, off));
             added += 1;
             rest.next();
         }
@@ -147,11 +161,11 @@ fn append_tuples<R: Relation>(
 }
 
 /// One thread's share of a batch: each row's list (`None`: skipped zero vector) and the
-/// concatenated list tuples of the rows that have one.
-type EncodedChunk = (Vec<Option<u32>>, Vec<u8>);
+/// concatenated code and refinement tuples of the rows that have one.
+type EncodedChunk = (Vec<Option<u32>>, Vec<u8>, Vec<u8>);
 
-/// Prepares `vector` (normalize, rotate), finds its nearest centroid and appends its list
-/// tuple to `out`; `None` for a zero vector under cosine (not indexed).
+/// Prepares `vector` (normalize, rotate), finds its nearest centroid and appends its code and
+/// refinement tuples to `out` and `refine`; `None` for a zero vector under cosine (not indexed).
 fn assign_and_encode(
     meta: &Meta,
     rot: &Rotation,
@@ -159,6 +173,7 @@ fn assign_and_encode(
     tid: Tid,
     vector: &[f32],
     out: &mut Vec<u8>,
+    refine: &mut Vec<u8>,
 ) -> Result<Option<usize>> {
     let Some(v) = prepare(meta, rot, vector)? else {
         return Ok(None);
@@ -175,7 +190,7 @@ fn assign_and_encode(
         }
     }
     let list = best.1;
-    encode_tuple(out, tid, &v, &cents[list * d..(list + 1) * d]);
+    encode_tuple(out, refine, tid, &v, &cents[list * d..(list + 1) * d]);
     Ok(Some(list))
 }
 
@@ -260,12 +275,18 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
             .ok_or_else(|| Error::corrupt(META_BLOCK, "meta item does not fit"))?;
         drop(w);
 
-        // list head pages
+        // list head pages: code chains, then refinement chains (Meta::refine_head)
         let mut heads = Vec::with_capacity(nlists);
         for _ in 0..nlists {
             let (b, mut w) = rel.extend();
             w.reinit(Opaque::new(PAGE_LIST));
             heads.push(b);
+        }
+        let mut refine_heads = Vec::with_capacity(nlists);
+        for _ in 0..nlists {
+            let (b, mut w) = rel.extend();
+            w.reinit(Opaque::new(PAGE_REFINE));
+            refine_heads.push(b);
         }
 
         // centroid chain
@@ -307,7 +328,9 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
             rot,
             cents,
             tails: heads,
+            refine_tails: refine_heads,
             buffers: vec![Vec::new(); nlists],
+            refine_buffers: vec![Vec::new(); nlists],
             buffered: 0,
             limit: params.memory_limit_bytes,
             stats: BuildStats {
@@ -315,6 +338,8 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
                 ..BuildStats::default()
             },
             scratch: Vec::new(),
+            refine_scratch: Vec::new(),
+            placed: Vec::new(),
         };
         builder.write_meta()?;
         Ok(builder)
@@ -335,7 +360,9 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
     /// Index one heap row.
     pub fn add(&mut self, tid: Tid, vector: &[f32]) -> Result<AddOutcome> {
         let mut scratch = std::mem::take(&mut self.scratch);
+        let mut refine = std::mem::take(&mut self.refine_scratch);
         scratch.clear();
+        refine.clear();
         let list = assign_and_encode(
             &self.meta,
             &self.rot,
@@ -343,9 +370,10 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
             tid,
             vector,
             &mut scratch,
+            &mut refine,
         );
         let outcome = match list {
-            Ok(Some(list)) => self.append_encoded(list, &scratch),
+            Ok(Some(list)) => self.append_encoded(list, &scratch, &refine),
             Ok(None) => {
                 self.stats.skipped_zero += 1;
                 Ok(AddOutcome::SkippedZeroVector)
@@ -353,6 +381,7 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
             Err(e) => Err(e),
         };
         self.scratch = scratch;
+        self.refine_scratch = refine;
         outcome
     }
 
@@ -374,12 +403,12 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
         let (meta, rot, cents) = (&self.meta, &self.rot, &self.cents[..]);
         let encode_chunk = |tids: &[Tid], vectors: &[f32]| -> Result<EncodedChunk> {
             let mut lists = Vec::with_capacity(tids.len());
-            let mut bytes = Vec::new();
+            let (mut bytes, mut refine) = (Vec::new(), Vec::new());
             for (&tid, v) in tids.iter().zip(vectors.chunks_exact(dims)) {
-                let list = assign_and_encode(meta, rot, cents, tid, v, &mut bytes)?;
+                let list = assign_and_encode(meta, rot, cents, tid, v, &mut bytes, &mut refine)?;
                 lists.push(list.map(|l| l as u32));
             }
-            Ok((lists, bytes))
+            Ok((lists, bytes, refine))
         };
         let chunks: Vec<Result<EncodedChunk>> = if threads == 1 {
             vec![encode_chunk(tids, vectors)]
@@ -396,17 +425,31 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
                     .collect()
             })
         };
-        let tsize = list_tuple_size(self.meta.padded_dims as usize);
+        let d = self.meta.padded_dims as usize;
+        let tsize = list_tuple_size(d);
+        let rsize = if has_refine(d) {
+            refine_tuple_size(d)
+        } else {
+            0
+        };
         for chunk in chunks {
-            let (lists, bytes) = chunk?;
+            let (lists, bytes, refine) = chunk?;
             let mut tuples = bytes.chunks_exact(tsize);
+            let mut refines = refine.chunks(rsize.max(1));
             for list in lists {
                 match list {
                     Some(list) => {
                         let tuple = tuples.next().ok_or_else(|| {
                             Error::InvalidArgument("encoded batch is short".into())
                         })?;
-                        self.append_encoded(list as usize, tuple)?;
+                        let r = if rsize > 0 {
+                            refines.next().ok_or_else(|| {
+                                Error::InvalidArgument("encoded batch is short".into())
+                            })?
+                        } else {
+                            &[][..]
+                        };
+                        self.append_encoded(list as usize, tuple, r)?;
                     }
                     None => self.stats.skipped_zero += 1,
                 }
@@ -415,9 +458,10 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
         Ok(())
     }
 
-    fn append_encoded(&mut self, list: usize, tuple: &[u8]) -> Result<AddOutcome> {
+    fn append_encoded(&mut self, list: usize, tuple: &[u8], refine: &[u8]) -> Result<AddOutcome> {
         self.buffers[list].extend_from_slice(tuple);
-        self.buffered += tuple.len();
+        self.refine_buffers[list].extend_from_slice(refine);
+        self.buffered += tuple.len() + refine.len();
         self.stats.tuples += 1;
         if self.buffered > self.limit {
             self.flush()?;
@@ -425,15 +469,45 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
         Ok(AddOutcome::Added)
     }
 
-    /// Append every buffered tuple to its list chain.
+    /// Append every buffered tuple to its chains: the refinement tuples first, so that each
+    /// code tuple can name the block that took its refinement tuple.
     fn flush(&mut self) -> Result<()> {
-        let tsize = list_tuple_size(self.meta.padded_dims as usize);
+        let d = self.meta.padded_dims as usize;
+        let tsize = list_tuple_size(d);
         for list in 0..self.buffers.len() {
             if self.buffers[list].is_empty() {
                 continue;
             }
-            self.tails[list] =
-                append_tuples(self.rel, self.tails[list], &self.buffers[list], tsize)?;
+            if !self.refine_buffers[list].is_empty() {
+                self.placed.clear();
+                self.refine_tails[list] = append_tuples(
+                    self.rel,
+                    self.refine_tails[list],
+                    &self.refine_buffers[list],
+                    refine_tuple_size(d),
+                    PAGE_REFINE,
+                    &mut self.placed,
+                )?;
+                self.refine_buffers[list].clear();
+                if self.placed.len() * tsize != self.buffers[list].len() {
+                    return Err(Error::InvalidArgument(
+                        "code and refinement tuples do not pair up".into(),
+                    ));
+                }
+                for (t, &(blk, off)) in self.buffers[list].chunks_exact_mut(tsize).zip(&self.placed)
+                {
+                    set_refine_location(t, blk, off);
+                }
+            }
+            self.placed.clear();
+            self.tails[list] = append_tuples(
+                self.rel,
+                self.tails[list],
+                &self.buffers[list],
+                tsize,
+                PAGE_LIST,
+                &mut self.placed,
+            )?;
             self.buffers[list].clear();
         }
         self.buffered = 0;

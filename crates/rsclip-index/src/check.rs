@@ -1,13 +1,14 @@
 //! Structural verification of an index (for an `amcheck`-style SQL function and tests).
 //!
 //! Validates the meta page, the centroid chain (page types, chunk order, dimensions, list
-//! count) and every list chain (page types, no cycles, no page in two chains, every item
-//! parses with the index's code length), and returns every indexed heap tid so the caller can
+//! count) and every list's code and refinement chains (page types, no cycles, no page in two
+//! chains, every item parses with the index's code length, every code tuple's refinement tuple
+//! is where it points), and returns every indexed heap tid so the caller can
 //! verify that every live heap row is reachable. Pages in no chain (orphans, e.g. left by a
 //! crash between an extension and its link) are counted, not treated as corruption.
 
 use crate::common::{check_block, read_meta, walk_centroids, PageCopy};
-use crate::format::{ListTuple, META_BLOCK, PAGE_LIST};
+use crate::format::{ListTuple, RefineTuple, META_BLOCK, PAGE_LIST, PAGE_REFINE};
 use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK};
 
 /// What [`check`] found.
@@ -23,8 +24,16 @@ pub struct CheckReport {
     pub nblocks: BlockNumber,
     /// Pages of the centroid chain.
     pub centroid_pages: u32,
-    /// Pages of all list chains.
+    /// Pages of all code chains.
     pub list_pages: u32,
+    /// Pages of all refinement chains.
+    pub refine_pages: u32,
+    /// Code tuples whose refinement tuple is not in the block they name (0 in a sound index;
+    /// a VACUUM running beside the check can make it count a row being removed).
+    pub missing_refine: u64,
+    /// Refinement tuples no code tuple refers to (left by a crash between the two writes of an
+    /// insert, removed by VACUUM with their dead rows).
+    pub unreferenced_refine: u64,
     /// Pages in no chain.
     pub orphan_pages: u32,
     /// Lists without tuples.
@@ -43,6 +52,7 @@ const FREE: u8 = 0;
 const META: u8 = 1;
 const CENTROID: u8 = 2;
 const LIST: u8 = 3;
+const REFINE: u8 = 4;
 
 /// Verify the whole index.
 pub fn check<R: crate::page::Relation>(rel: &R) -> Result<CheckReport> {
@@ -74,6 +84,9 @@ pub fn check<R: crate::page::Relation>(rel: &R) -> Result<CheckReport> {
         nblocks: 0,
         centroid_pages: centroid_blocks.len() as u32,
         list_pages: 0,
+        refine_pages: 0,
+        missing_refine: 0,
+        unreferenced_refine: 0,
         orphan_pages: 0,
         empty_lists: 0,
         longest_chain: 0,
@@ -82,45 +95,66 @@ pub fn check<R: crate::page::Relation>(rel: &R) -> Result<CheckReport> {
         duplicate_tids: 0,
     };
     let mut page = PageCopy::default();
+    let (mut refs, mut have) = (Vec::new(), Vec::new());
     for (list, &head) in heads.iter().enumerate() {
-        let mut blk = head;
-        let mut from = head;
-        let mut chain = 0u32;
+        let refine_head = meta.refine_head(head).ok_or_else(|| {
+            Error::corrupt(
+                head,
+                format!("list {list} has a head that is no list head block"),
+            )
+        })?;
+        refs.clear();
+        have.clear();
         let mut count = 0u64;
-        while blk != INVALID_BLOCK {
-            let nb = rel.nblocks();
-            check_block(blk, nb, from)?;
-            if owner.len() < nb as usize {
-                owner.resize(nb as usize, FREE);
-            }
-            if owner[blk as usize] != FREE {
-                return Err(Error::corrupt(
-                    blk,
-                    format!("list {list} reaches a page already in a chain (cycle or shared page)"),
-                ));
-            }
-            owner[blk as usize] = LIST;
-            page.load(rel, blk);
-            if page.opaque().flags != PAGE_LIST {
-                return Err(Error::corrupt(
-                    blk,
-                    format!("expected a list page, flags are {:#x}", page.opaque().flags),
-                ));
-            }
-            for i in 0..page.len() {
-                let b = page
-                    .item(i)
-                    .ok_or_else(|| Error::corrupt(blk, format!("item {} is unused", i + 1)))?;
+        let chain = walk_chain(
+            rel,
+            &mut owner,
+            &mut page,
+            list,
+            head,
+            PAGE_LIST,
+            LIST,
+            |blk, i, b| {
                 let t = ListTuple::decode(b, d)
                     .map_err(|e| Error::corrupt(blk, format!("item {}: {}", i + 1, e.0)))?;
                 report.tids.push(t.tid);
+                refs.push((t.tid, t.refine_block));
                 count += 1;
+                Ok(())
+            },
+        )?;
+        let refine_chain = walk_chain(
+            rel,
+            &mut owner,
+            &mut page,
+            list,
+            refine_head,
+            PAGE_REFINE,
+            REFINE,
+            |blk, i, b| {
+                let t = RefineTuple::decode(b, d)
+                    .map_err(|e| Error::corrupt(blk, format!("item {}: {}", i + 1, e.0)))?;
+                have.push((t.tid, blk));
+                Ok(())
+            },
+        )?;
+        have.sort_unstable();
+        let mut used = vec![false; have.len()];
+        for &(tid, blk) in &refs {
+            if blk == crate::INVALID_BLOCK {
+                if crate::format::has_refine(d) {
+                    report.missing_refine += 1;
+                }
+                continue;
             }
-            chain += 1;
-            from = blk;
-            blk = page.opaque().next;
+            match have.binary_search(&(tid, blk)) {
+                Ok(i) => used[i] = true,
+                Err(_) => report.missing_refine += 1,
+            }
         }
+        report.unreferenced_refine += used.iter().filter(|&&u| !u).count() as u64;
         report.list_pages += chain;
+        report.refine_pages += refine_chain;
         report.longest_chain = report.longest_chain.max(chain);
         if count == 0 {
             report.empty_lists += 1;
@@ -132,4 +166,56 @@ pub fn check<R: crate::page::Relation>(rel: &R) -> Result<CheckReport> {
     report.tids.sort_unstable();
     report.duplicate_tids = report.tids.windows(2).filter(|w| w[0] == w[1]).count() as u64;
     Ok(report)
+}
+
+/// Walks one chain of `flags` pages from `head`, marking its pages in `owner` and calling `f`
+/// for each item; returns its length in pages.
+#[allow(clippy::too_many_arguments)]
+fn walk_chain<R: crate::page::Relation>(
+    rel: &R,
+    owner: &mut Vec<u8>,
+    page: &mut PageCopy,
+    list: usize,
+    head: BlockNumber,
+    flags: u16,
+    mark: u8,
+    mut f: impl FnMut(BlockNumber, usize, &[u8]) -> Result<()>,
+) -> Result<u32> {
+    let mut blk = head;
+    let mut from = head;
+    let mut chain = 0u32;
+    while blk != INVALID_BLOCK {
+        let nb = rel.nblocks();
+        check_block(blk, nb, from)?;
+        if owner.len() < nb as usize {
+            owner.resize(nb as usize, FREE);
+        }
+        if owner[blk as usize] != FREE {
+            return Err(Error::corrupt(
+                blk,
+                format!("list {list} reaches a page already in a chain (cycle or shared page)"),
+            ));
+        }
+        owner[blk as usize] = mark;
+        page.load(rel, blk);
+        if page.opaque().flags != flags {
+            return Err(Error::corrupt(
+                blk,
+                format!(
+                    "expected page flags {flags:#x} in list {list}, found {:#x}",
+                    page.opaque().flags
+                ),
+            ));
+        }
+        for i in 0..page.len() {
+            let b = page
+                .item(i)
+                .ok_or_else(|| Error::corrupt(blk, format!("item {} is unused", i + 1)))?;
+            f(blk, i, b)?;
+        }
+        chain += 1;
+        from = blk;
+        blk = page.opaque().next;
+    }
+    Ok(chain)
 }

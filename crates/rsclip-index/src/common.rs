@@ -1,7 +1,10 @@
 //! Helpers shared by the index operations.
 
-use crate::format::{encode_list_tuple, CentroidChunk, Meta, META_BLOCK, PAGE_CENTROID, PAGE_META};
-use crate::page::{Opaque, PageRead, Relation};
+use crate::format::{
+    encode_list_tuple, encode_refine_tuple, CentroidChunk, Meta, META_BLOCK, PAGE_CENTROID,
+    PAGE_META,
+};
+use crate::page::{fits, Opaque, PageRead, PageWrite, Relation};
 use crate::rabitq::{encode, Rotation};
 use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK};
 use rsclip_core::distance::{dot, l2_squared};
@@ -171,17 +174,96 @@ pub(crate) fn centroid_distance(metric: Metric, c: &[f32], q: &[f32]) -> f32 {
     }
 }
 
-/// Encode the list tuple of rotated vector `v` in the list with rotated centroid `c`.
-pub(crate) fn encode_tuple(out: &mut Vec<u8>, tid: Tid, v: &[f32], c: &[f32]) {
+/// Encode the code tuple (into `code`, pointing nowhere yet: see
+/// [`crate::format::set_refine_location`]) and, when the width allows one, the refinement tuple
+/// (into `refine`) of rotated vector `v` in the list with rotated centroid `c`.
+pub(crate) fn encode_tuple(
+    code: &mut Vec<u8>,
+    refine: &mut Vec<u8>,
+    tid: Tid,
+    v: &[f32],
+    c: &[f32],
+) {
     let resid: Vec<f32> = v.iter().zip(c).map(|(a, b)| a - b).collect();
-    let code = encode(&resid);
+    let bits = encode(&resid);
     let rc = dot(&resid, c);
+    encode_list_tuple(
+        code,
+        tid,
+        bits.norm,
+        bits.dot_oo,
+        rc,
+        &bits.bits,
+        INVALID_BLOCK,
+        0,
+    );
     if crate::format::has_refine(resid.len()) {
         let (lo, delta, u) = crate::rabitq::quantize_u8(&resid);
-        let refine = Some((lo, delta, &u[..]));
-        encode_list_tuple(out, tid, code.norm, code.dot_oo, rc, &code.bits, refine);
-    } else {
-        encode_list_tuple(out, tid, code.norm, code.dot_oo, rc, &code.bits, None);
+        encode_refine_tuple(refine, tid, lo, delta, &u);
+    }
+}
+
+/// Append `tuple` to the chain starting at `head` (pages of type `flags`): into the first page
+/// with room, else onto a new page linked at the tail. Returns the block and offset that
+/// received it.
+/// Concurrency: holds one lock at a time except while linking a new page (the tail's exclusive
+/// lock, taken first, then the new page's); readers see the new page complete before the link.
+pub(crate) fn append_to_chain<R: Relation>(
+    rel: &R,
+    head: BlockNumber,
+    flags: u16,
+    tuple: &[u8],
+) -> Result<(BlockNumber, u16)> {
+    let expect = |f: u16, blk: BlockNumber| -> Result<()> {
+        if f != flags {
+            return Err(Error::corrupt(
+                blk,
+                format!("expected page flags {flags:#x}, found {f:#x}"),
+            ));
+        }
+        Ok(())
+    };
+    let mut blk = head;
+    let mut from = head;
+    let mut walk = ChainWalk::new(rel, head);
+    loop {
+        walk.step(rel, blk, from)?;
+        let (room, next) = {
+            let page = rel.read(blk);
+            expect(page.opaque().flags, blk)?;
+            (fits(&page, tuple.len()), page.opaque().next)
+        };
+        if !room && next != INVALID_BLOCK {
+            from = blk;
+            blk = next;
+            continue;
+        }
+        let mut w = rel.write(blk);
+        let o = w.opaque();
+        expect(o.flags, blk)?;
+        if fits(&w, tuple.len()) {
+            let off = w
+                .add_item(tuple)
+                .ok_or_else(|| Error::corrupt(blk, "page refused an item that fits"))?;
+            return Ok((blk, off));
+        }
+        if o.next != INVALID_BLOCK {
+            drop(w);
+            from = blk;
+            blk = o.next;
+            continue;
+        }
+        let (nb, mut nw) = rel.extend();
+        nw.reinit(Opaque::new(flags));
+        let Some(off) = nw.add_item(tuple) else {
+            return Err(Error::InvalidArgument(
+                "tuple does not fit on an empty page".into(),
+            ));
+        };
+        drop(nw); // WAL record 1: the complete new page
+        w.set_opaque(Opaque { next: nb, ..o });
+        drop(w); // WAL record 2: the link
+        return Ok((nb, off));
     }
 }
 

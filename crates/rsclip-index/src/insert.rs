@@ -8,19 +8,27 @@
 //! set while the tail is locked and the tail is re-checked under that lock, concurrent
 //! inserters can never both link a page after the same tail. A crash between the two records
 //! leaves an orphan page (see [`crate::check()`]).
+//!
+//! The refinement tuple goes into the list's refinement chain first, the code tuple (pointing
+//! at the block that took it) second: a code tuple a scan can see always has its refinement
+//! tuple. A crash in between leaves only an unreferenced refinement tuple of a heap row that
+//! never committed, which VACUUM removes.
 
 use crate::common::{
-    centroid_distance, encode_tuple, prepare, read_meta, walk_centroids, ChainWalk,
+    append_to_chain, centroid_distance, encode_tuple, prepare, read_meta, walk_centroids,
 };
-use crate::format::PAGE_LIST;
-use crate::page::{fits, Opaque, PageRead, PageWrite, Relation};
+use crate::format::{set_refine_location, PAGE_LIST, PAGE_REFINE};
 use crate::rabitq::Rotation;
-use crate::{BlockNumber, Error, Result, Tid, INVALID_BLOCK};
+use crate::{Error, Result, Tid, INVALID_BLOCK};
 
 pub use crate::build::AddOutcome as InsertOutcome;
 
-/// Insert the heap row `tid` with vector `vector`.
-pub fn insert<R: Relation>(rel: &R, tid: Tid, vector: &[f32]) -> Result<InsertOutcome> {
+/// Index the heap row `tid` with vector `vector` (not yet rotated).
+pub fn insert<R: crate::page::Relation>(
+    rel: &R,
+    tid: Tid,
+    vector: &[f32],
+) -> Result<InsertOutcome> {
     let meta = read_meta(rel)?;
     let rot = Rotation::new(meta.padded_dims as usize, meta.seed, meta.rounds);
     let Some(v) = prepare(&meta, &rot, vector)? else {
@@ -44,70 +52,15 @@ pub fn insert<R: Relation>(rel: &R, tid: Tid, vector: &[f32]) -> Result<InsertOu
             Ok(())
         },
     )?;
-    let mut tuple = Vec::new();
-    encode_tuple(&mut tuple, tid, &v, &best_c);
-    insert_into_list(rel, best_head, &tuple)?;
+    let (mut code, mut refine) = (Vec::new(), Vec::new());
+    encode_tuple(&mut code, &mut refine, tid, &v, &best_c);
+    if !refine.is_empty() {
+        let refine_head = meta.refine_head(best_head).ok_or_else(|| {
+            Error::corrupt(best_head, "centroid names a block that is no list head")
+        })?;
+        let (blk, off) = append_to_chain(rel, refine_head, PAGE_REFINE, &refine)?;
+        set_refine_location(&mut code, blk, off);
+    }
+    append_to_chain(rel, best_head, PAGE_LIST, &code)?;
     Ok(InsertOutcome::Added)
-}
-
-fn expect_list_page(flags: u16, blk: BlockNumber) -> Result<()> {
-    if flags != PAGE_LIST {
-        return Err(Error::corrupt(
-            blk,
-            format!("expected a list page, flags are {flags:#x}"),
-        ));
-    }
-    Ok(())
-}
-
-/// Put `tuple` on the first page of the chain starting at `head` that has room, extending the
-/// chain at its tail if none has.
-pub(crate) fn insert_into_list<R: Relation>(
-    rel: &R,
-    head: BlockNumber,
-    tuple: &[u8],
-) -> Result<()> {
-    let mut blk = head;
-    let mut from = head;
-    let mut walk = ChainWalk::new(rel, head);
-    loop {
-        walk.step(rel, blk, from)?;
-        let (room, next) = {
-            let page = rel.read(blk);
-            expect_list_page(page.opaque().flags, blk)?;
-            (fits(&page, tuple.len()), page.opaque().next)
-        };
-        if !room && next != INVALID_BLOCK {
-            from = blk;
-            blk = next;
-            continue;
-        }
-        let mut w = rel.write(blk);
-        let o = w.opaque();
-        expect_list_page(o.flags, blk)?;
-        if fits(&w, tuple.len()) {
-            w.add_item(tuple)
-                .ok_or_else(|| Error::corrupt(blk, "page refused an item that fits"))?;
-            return Ok(());
-        }
-        if o.next != INVALID_BLOCK {
-            // someone filled the page or linked a successor meanwhile: go on
-            drop(w);
-            from = blk;
-            blk = o.next;
-            continue;
-        }
-        // `blk` is the tail and full: extend while holding it
-        let (nb, mut nw) = rel.extend();
-        nw.reinit(Opaque::new(PAGE_LIST));
-        if nw.add_item(tuple).is_none() {
-            return Err(Error::InvalidArgument(
-                "tuple does not fit on an empty page".into(),
-            ));
-        }
-        drop(nw); // WAL record 1: the complete new page
-        w.set_opaque(Opaque { next: nb, ..o });
-        drop(w); // WAL record 2: the link
-        return Ok(());
-    }
 }

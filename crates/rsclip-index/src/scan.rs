@@ -26,8 +26,10 @@
 //! (`None`) are skipped. The scan holds at most one share lock at a time and none while calling
 //! the callback; it does not borrow the relation between calls.
 
-use crate::common::{centroid_distance, prepare, read_meta, walk_centroids, ChainWalk};
-use crate::format::{ListTuple, Meta, LIST_TUPLE_HEADER, PAGE_LIST, REFINE_HEADER};
+use crate::common::{
+    centroid_distance, check_block, prepare, read_meta, walk_centroids, ChainWalk,
+};
+use crate::format::{tuple_tid, ListTuple, Meta, RefineTuple, META_BLOCK, PAGE_LIST, PAGE_REFINE};
 use crate::page::{PageRead, Relation};
 use crate::rabitq::{refine_estimate, QueryQuant, Rotation};
 use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK};
@@ -49,12 +51,16 @@ pub fn default_probes(lists: u32) -> u32 {
 pub struct ScanStats {
     /// Lists probed so far.
     pub lists_probed: u32,
-    /// List pages read.
+    /// Code chain pages read.
     pub pages_read: u64,
+    /// Refinement chain pages read.
+    pub refine_pages_read: u64,
     /// Tuples whose distance was estimated.
     pub tuples_estimated: u64,
     /// Tuples whose bounds the 8-bit code tightened.
     pub tuples_refined: u64,
+    /// Refinement tuples not found where their code tuple pointed (0 in a sound index).
+    pub refine_missing: u64,
     /// Callback calls.
     pub reranked: u64,
     /// Callback calls that returned `None`.
@@ -183,12 +189,15 @@ pub struct Scan {
     refined_upper: BinaryHeap<OrdF32>,
     /// The relation size last seen (see [`ChainWalk`]); 0 until the first probe asks.
     nblocks: BlockNumber,
+    /// The current batch's tuples between the two passes, and its lists' query offsets.
+    pending: Vec<Pending>,
+    list_queries: Vec<ListQuery>,
     stats: ScanStats,
 }
 
 /// Rows per scan whose bounds the 8-bit refinement tightens (LIMITs up to this many get tight
 /// bounds everywhere; later rows are still exact, just re-ranked from looser bounds).
-pub const REFINE_TOP: usize = 64;
+pub const REFINE_TOP: usize = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct OrdF32(f32);
@@ -241,6 +250,8 @@ impl Scan {
             seen: HashSet::default(),
             refined_upper: BinaryHeap::with_capacity(REFINE_TOP + 1),
             nblocks: 0,
+            pending: Vec::new(),
+            list_queries: Vec::new(),
             stats: ScanStats::default(),
         };
         let Some(q) = prepare(&meta, &centroids.rot, query)? else {
@@ -325,6 +336,11 @@ impl Scan {
     }
 
     /// Probe the next `probes` lists; false when no list is left within `max_probes`.
+    ///
+    /// Two passes: every code tuple of the batch is bounded from its 1-bit code first
+    /// ([`Scan::estimate_list`]); then the rows that may be among the first [`REFINE_TOP`] get
+    /// their 8-bit refinement, in lower-bound order ([`Scan::refine_pending`]), which stops as
+    /// soon as the refined upper bounds rule the rest out: few refinement pages are read.
     fn probe_next_batch<R: Relation>(&mut self, rel: &R) -> Result<bool> {
         if self.next_list >= self.limit {
             return Ok(false);
@@ -338,13 +354,17 @@ impl Scan {
         let batch: Vec<ListRef> = self.order[self.next_list..end].to_vec();
         self.next_list = end;
         let centroids = Arc::clone(&self.centroids);
+        self.pending.clear();
+        self.list_queries.clear();
         for r in &batch {
-            self.probe_list(rel, r, centroids.centroid(r.list))?;
+            self.estimate_list(rel, r, centroids.centroid(r.list))?;
         }
+        self.refine_pending(rel)?;
         Ok(true)
     }
 
-    fn probe_list<R: Relation>(&mut self, rel: &R, r: &ListRef, c: &[f32]) -> Result<()> {
+    /// First pass over one list: bounds every code tuple from its 1-bit code into `pending`.
+    fn estimate_list<R: Relation>(&mut self, rel: &R, r: &ListRef, c: &[f32]) -> Result<()> {
         let d = self.meta.padded_dims as usize;
         let w: Vec<f32> = self.query.iter().zip(c).map(|(q, c)| q - c).collect();
         let qq = QueryQuant::new(&w);
@@ -352,6 +372,13 @@ impl Scan {
         let w_sum: f32 = w.iter().sum();
         let cq = dot(c, &self.query);
         let metric = self.meta.metric;
+        let lq = self.list_queries.len() as u32;
+        self.list_queries.push(ListQuery {
+            w,
+            w_sum,
+            w_norm,
+            cq,
+        });
         self.stats.lists_probed += 1;
         let mut blk = r.head;
         let mut from = r.head;
@@ -369,64 +396,26 @@ impl Scan {
                     format!("expected a list page, flags are {:#x}", opaque.flags),
                 ));
             }
-            // What the first stage reads of each tuple: the header and the 1-bit code (and
-            // the refinement scale right after it).
-            let first_stage = LIST_TUPLE_HEADER + d / 8 + REFINE_HEADER;
             for off in 1..=page.max_offset() {
-                if let Some(b) = page.item(off) {
-                    rsclip_core::bits::prefetch(b, first_stage);
-                }
-            }
-            for off in 1..=page.max_offset() {
-                let i = off as usize - 1;
                 let Some(b) = page.item(off) else { continue };
                 let t = ListTuple::decode(b, d)
-                    .map_err(|e| Error::corrupt(blk, format!("item {}: {}", i + 1, e.0)))?;
+                    .map_err(|e| Error::corrupt(blk, format!("item {off}: {}", e.0)))?;
                 let est = qq.estimate(t.code, t.norm, t.dot_oo);
-                let (_, mut lower) =
+                let (_, lower) =
                     estimate_distance(metric, est.value, est.error, t.norm, t.rc, w_norm, cq);
-                let threshold = if self.refined_upper.len() >= REFINE_TOP {
-                    self.refined_upper.peek().map_or(f32::INFINITY, |u| u.0)
-                } else {
-                    f32::INFINITY
-                };
+                let (_, upper) =
+                    estimate_distance(metric, est.value, -est.error, t.norm, t.rc, w_norm, cq);
                 self.stats.tuples_estimated += 1;
-                if lower > threshold {
-                    // Cannot be among the first REFINE_TOP rows: defer it (see `deferred`).
-                    self.deferred_min = self.deferred_min.min(lower);
-                    self.deferred.push(Keyed {
-                        key: lower,
-                        tid: t.tid,
-                    });
-                    continue;
-                }
-                if !t.refine.is_empty() {
-                    // Second stage: the 8-bit code bounds the distance ~50x tighter than the
-                    // 1-bit one, so only near-ties are left for the exact re-rank.
-                    let fine =
-                        refine_estimate(t.refine_lo, t.refine_delta, t.refine, &w, w_sum, w_norm);
-                    let (_, fine_lower) =
-                        estimate_distance(metric, fine.value, fine.error, t.norm, t.rc, w_norm, cq);
-                    let (_, upper) = estimate_distance(
-                        metric,
-                        fine.value,
-                        -fine.error,
-                        t.norm,
-                        t.rc,
-                        w_norm,
-                        cq,
-                    );
-                    lower = lower.max(fine_lower);
-                    self.stats.tuples_refined += 1;
-                    self.refined_upper.push(OrdF32(upper));
-                    if self.refined_upper.len() > REFINE_TOP {
-                        self.refined_upper.pop();
-                    }
-                }
-                self.candidates.push(Reverse(Keyed {
-                    key: lower,
+                self.pending.push(Pending {
+                    lower,
+                    upper,
                     tid: t.tid,
-                }));
+                    refine_block: t.refine_block,
+                    refine_offset: t.refine_offset,
+                    list_query: lq,
+                    norm: t.norm,
+                    rc: t.rc,
+                });
             }
             drop(page);
             from = blk;
@@ -435,7 +424,181 @@ impl Scan {
         self.nblocks = walk.nblocks();
         Ok(())
     }
+
+    /// The [`REFINE_TOP`]-th smallest upper bound known (refined ones), infinity before.
+    fn refined_threshold(&self) -> f32 {
+        if self.refined_upper.len() >= REFINE_TOP {
+            self.refined_upper.peek().map_or(f32::INFINITY, |u| u.0)
+        } else {
+            f32::INFINITY
+        }
+    }
+
+    fn defer(&mut self, lower: f32, tid: Tid) {
+        self.deferred_min = self.deferred_min.min(lower);
+        self.deferred.push(Keyed { key: lower, tid });
+    }
+
+    /// Second pass: moves `pending` into the candidates, refining the rows that can still be
+    /// among the first [`REFINE_TOP`] and deferring the others.
+    fn refine_pending<R: Relation>(&mut self, rel: &R) -> Result<()> {
+        let mut pending = std::mem::take(&mut self.pending);
+        // A row whose lower bound exceeds the REFINE_TOP-th smallest upper bound of any
+        // REFINE_TOP rows cannot be among the first REFINE_TOP: 1-bit upper bounds of this
+        // batch count too, so the first batch already prunes.
+        let mut threshold = self.refined_threshold();
+        if pending.len() >= REFINE_TOP {
+            let mut uppers: Vec<f32> = pending.iter().map(|p| p.upper).collect();
+            let (_, kth, _) = uppers.select_nth_unstable_by(REFINE_TOP - 1, f32::total_cmp);
+            threshold = threshold.min(*kth);
+        }
+        let mut to_refine = Vec::with_capacity(pending.len() / 4);
+        for p in pending.drain(..) {
+            if p.lower > threshold {
+                self.defer(p.lower, p.tid);
+            } else if p.refine_block == INVALID_BLOCK {
+                // Too wide for refinement codes: the 1-bit bound is all there is.
+                self.candidates.push(Reverse(Keyed {
+                    key: p.lower,
+                    tid: p.tid,
+                }));
+            } else {
+                to_refine.push(p);
+            }
+        }
+        self.pending = pending;
+        to_refine.sort_unstable_by(|a, b| a.lower.total_cmp(&b.lower));
+        let d = self.meta.padded_dims as usize;
+        let metric = self.meta.metric;
+        let mut group: Vec<Pending> = Vec::with_capacity(REFINE_CHUNK);
+        let mut at = 0;
+        while at < to_refine.len() {
+            let threshold = threshold.min(self.refined_threshold());
+            let end = (at + REFINE_CHUNK).min(to_refine.len());
+            group.clear();
+            for p in &to_refine[at..end] {
+                if p.lower > threshold {
+                    self.defer(p.lower, p.tid);
+                } else {
+                    group.push(*p);
+                }
+            }
+            at = end;
+            if group.is_empty() {
+                // Sorted by lower bound: everything after is above the threshold too.
+                for p in &to_refine[at..] {
+                    self.deferred_min = self.deferred_min.min(p.lower);
+                    self.deferred.push(Keyed {
+                        key: p.lower,
+                        tid: p.tid,
+                    });
+                }
+                break;
+            }
+            // One page read per distinct refinement block of the chunk.
+            group.sort_unstable_by_key(|p| p.refine_block);
+            let mut i = 0;
+            while i < group.len() {
+                let blk = group[i].refine_block;
+                let mut j = i;
+                while j < group.len() && group[j].refine_block == blk {
+                    j += 1;
+                }
+                if blk >= self.nblocks {
+                    self.nblocks = rel.nblocks();
+                }
+                check_block(blk, self.nblocks, META_BLOCK)?;
+                let page = rel.read(blk);
+                self.stats.refine_pages_read += 1;
+                if page.opaque().flags != PAGE_REFINE {
+                    return Err(Error::corrupt(
+                        blk,
+                        format!(
+                            "a code tuple points here for its refinement, but flags are {:#x}",
+                            page.opaque().flags
+                        ),
+                    ));
+                }
+                for m in &group[i..j] {
+                    let Some((off, b)) = find_refine(&page, m.refine_offset, m.tid) else {
+                        // No refinement tuple where the code tuple says (not written by this
+                        // crate's operations): the 1-bit bound still holds.
+                        self.stats.refine_missing += 1;
+                        self.candidates.push(Reverse(Keyed {
+                            key: m.lower,
+                            tid: m.tid,
+                        }));
+                        continue;
+                    };
+                    let rt = RefineTuple::decode(b, d)
+                        .map_err(|e| Error::corrupt(blk, format!("item {off}: {}", e.0)))?;
+                    let lq = &self.list_queries[m.list_query as usize];
+                    let fine =
+                        refine_estimate(rt.lo, rt.delta, rt.codes, &lq.w, lq.w_sum, lq.w_norm);
+                    let (_, fine_lower) = estimate_distance(
+                        metric, fine.value, fine.error, m.norm, m.rc, lq.w_norm, lq.cq,
+                    );
+                    let (_, fine_upper) = estimate_distance(
+                        metric,
+                        fine.value,
+                        -fine.error,
+                        m.norm,
+                        m.rc,
+                        lq.w_norm,
+                        lq.cq,
+                    );
+                    self.stats.tuples_refined += 1;
+                    self.refined_upper.push(OrdF32(fine_upper));
+                    if self.refined_upper.len() > REFINE_TOP {
+                        self.refined_upper.pop();
+                    }
+                    self.candidates.push(Reverse(Keyed {
+                        key: m.lower.max(fine_lower),
+                        tid: m.tid,
+                    }));
+                }
+                drop(page);
+                i = j;
+            }
+        }
+        Ok(())
+    }
 }
+
+/// The refinement tuple of heap row `tid` on `page`: at offset `hint` where it was written, or
+/// below it if VACUUM compacted the page since (compaction keeps the order of the items).
+fn find_refine<P: PageRead>(page: &P, hint: u16, tid: Tid) -> Option<(u16, &[u8])> {
+    let top = hint.min(page.max_offset());
+    (1..=top).rev().find_map(|off| {
+        let b = page.item(off)?;
+        (tuple_tid(b) == Some(tid)).then_some((off, b))
+    })
+}
+
+/// What the refinement pass needs of a probed list: the query's offset from its centroid.
+struct ListQuery {
+    w: Vec<f32>,
+    w_sum: f32,
+    w_norm: f32,
+    cq: f32,
+}
+
+/// A code tuple bounded from its 1-bit code, waiting for the refinement pass.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    lower: f32,
+    /// The 1-bit upper bound (infinity once refined, during the refinement pass).
+    upper: f32,
+    tid: Tid,
+    refine_block: BlockNumber,
+    refine_offset: u16,
+    list_query: u32,
+    norm: f32,
+    rc: f32,
+}
+
+/// Refinements ordered by lower bound are done this many at a time, grouped by page.
+const REFINE_CHUNK: usize = 32;
 
 /// Hashes a heap tid with one multiply: the `seen` set is probed once per re-ranked row, and
 /// SipHash's flooding resistance buys nothing for tids the index itself produced.

@@ -6,9 +6,13 @@
 //! have moved or been added meanwhile) and removed with one compaction (`delete_items`): one
 //! WAL record per modified page. Empty pages stay in their chains and are reused by inserts
 //! (which take the first page with room), so churn does not grow the index without bound.
+//!
+//! Each list's code chain is cleaned before its refinement chain, so a code tuple never loses
+//! its refinement tuple while it is still visible. The callback is asked about each heap tid
+//! twice (once per chain); callers' callbacks are pure lookups.
 
 use crate::common::{read_meta, walk_centroids, ChainWalk, PageCopy};
-use crate::format::{list_tuple_tid, PAGE_LIST};
+use crate::format::{list_tuple_tid, refine_tuple_tid, FormatError, PAGE_LIST, PAGE_REFINE};
 use crate::page::{PageRead, PageWrite, Relation};
 use crate::{Error, Result, Tid, INVALID_BLOCK};
 use std::collections::HashSet;
@@ -16,13 +20,13 @@ use std::collections::HashSet;
 /// Counts of a bulk delete.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeleteStats {
-    /// List pages visited.
+    /// Pages visited (code and refinement chains).
     pub pages_visited: u64,
     /// Pages that had dead tuples removed.
     pub pages_modified: u64,
-    /// Tuples removed.
+    /// Code tuples removed.
     pub tuples_removed: u64,
-    /// Tuples left (live when visited).
+    /// Code tuples left (live when visited).
     pub tuples_remaining: u64,
 }
 
@@ -47,52 +51,99 @@ pub fn bulk_delete<R: Relation>(
     let mut page = PageCopy::default();
     let mut dead = HashSet::new();
     for head in heads {
-        let mut blk = head;
-        let mut from = head;
-        let mut walk = ChainWalk::new(rel, head);
-        while blk != INVALID_BLOCK {
-            walk.step(rel, blk, from)?;
-            page.load(rel, blk);
-            stats.pages_visited += 1;
-            if page.opaque().flags != PAGE_LIST {
-                return Err(Error::corrupt(blk, "expected a list page"));
-            }
-            dead.clear();
-            let mut live = 0;
-            for i in 0..page.len() {
-                let Some(b) = page.item(i) else { continue };
-                let tid = list_tuple_tid(b, d).map_err(|e| Error::corrupt(blk, e.0))?;
-                if is_dead(tid) {
-                    dead.insert(tid);
-                } else {
-                    live += 1;
-                }
-            }
-            let mut next = page.opaque().next;
-            if !dead.is_empty() {
-                let mut w = rel.write(blk);
-                if w.opaque().flags != PAGE_LIST {
-                    return Err(Error::corrupt(blk, "expected a list page"));
-                }
-                let mut offs = Vec::with_capacity(dead.len());
-                for off in 1..=w.max_offset() {
-                    let Some(b) = w.item(off) else { continue };
-                    let tid = list_tuple_tid(b, d).map_err(|e| Error::corrupt(blk, e.0))?;
-                    if dead.contains(&tid) {
-                        offs.push(off);
-                    }
-                }
-                if !offs.is_empty() {
-                    w.delete_items(&offs);
-                    stats.pages_modified += 1;
-                    stats.tuples_removed += offs.len() as u64;
-                }
-                next = w.opaque().next;
-            }
-            stats.tuples_remaining += live;
-            from = blk;
-            blk = next;
+        let refine_head = meta
+            .refine_head(head)
+            .ok_or_else(|| Error::corrupt(head, "centroid names a block that is no list head"))?;
+        let code = clean_chain(
+            rel,
+            head,
+            PAGE_LIST,
+            &|b| list_tuple_tid(b, d),
+            is_dead,
+            &mut page,
+            &mut dead,
+        )?;
+        stats.pages_visited += code.pages_visited;
+        stats.pages_modified += code.pages_modified;
+        stats.tuples_removed += code.tuples_removed;
+        stats.tuples_remaining += code.tuples_remaining;
+        let refine = clean_chain(
+            rel,
+            refine_head,
+            PAGE_REFINE,
+            &|b| refine_tuple_tid(b, d),
+            is_dead,
+            &mut page,
+            &mut dead,
+        )?;
+        stats.pages_visited += refine.pages_visited;
+        stats.pages_modified += refine.pages_modified;
+    }
+    Ok(stats)
+}
+
+/// Removes the tuples of dead heap rows from one chain of `flags` pages.
+fn clean_chain<R: Relation>(
+    rel: &R,
+    head: crate::BlockNumber,
+    flags: u16,
+    tid_of: &dyn Fn(&[u8]) -> std::result::Result<Tid, FormatError>,
+    is_dead: &mut dyn FnMut(Tid) -> bool,
+    page: &mut PageCopy,
+    dead: &mut HashSet<Tid>,
+) -> Result<DeleteStats> {
+    let mut stats = DeleteStats::default();
+    let mut blk = head;
+    let mut from = head;
+    let mut walk = ChainWalk::new(rel, head);
+    while blk != INVALID_BLOCK {
+        walk.step(rel, blk, from)?;
+        page.load(rel, blk);
+        stats.pages_visited += 1;
+        if page.opaque().flags != flags {
+            return Err(Error::corrupt(
+                blk,
+                format!(
+                    "expected page flags {flags:#x}, found {:#x}",
+                    page.opaque().flags
+                ),
+            ));
         }
+        dead.clear();
+        let mut live = 0;
+        for i in 0..page.len() {
+            let Some(b) = page.item(i) else { continue };
+            let tid = tid_of(b).map_err(|e| Error::corrupt(blk, e.0))?;
+            if is_dead(tid) {
+                dead.insert(tid);
+            } else {
+                live += 1;
+            }
+        }
+        let mut next = page.opaque().next;
+        if !dead.is_empty() {
+            let mut w = rel.write(blk);
+            if w.opaque().flags != flags {
+                return Err(Error::corrupt(blk, "page changed type under vacuum"));
+            }
+            let mut offs = Vec::with_capacity(dead.len());
+            for off in 1..=w.max_offset() {
+                let Some(b) = w.item(off) else { continue };
+                let tid = tid_of(b).map_err(|e| Error::corrupt(blk, e.0))?;
+                if dead.contains(&tid) {
+                    offs.push(off);
+                }
+            }
+            if !offs.is_empty() {
+                w.delete_items(&offs);
+                stats.pages_modified += 1;
+                stats.tuples_removed += offs.len() as u64;
+            }
+            next = w.opaque().next;
+        }
+        stats.tuples_remaining += live;
+        from = blk;
+        blk = next;
     }
     Ok(stats)
 }
