@@ -7,6 +7,7 @@
 pub mod binary;
 pub mod bits;
 pub mod distance;
+pub mod fastscan;
 pub mod in_order;
 pub mod lru;
 pub mod text;

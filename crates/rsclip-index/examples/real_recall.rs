@@ -39,9 +39,6 @@ fn read_npy(path: &std::path::Path) -> (Vec<f32>, usize) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("micro") {
-        return micro(args.get(2).map_or(384, |d| d.parse().unwrap()));
-    }
     let dir = std::path::PathBuf::from(&args[1]);
     let rows: usize = args[2].parse().unwrap();
     let nq: usize = args[3].parse().unwrap();
@@ -192,78 +189,4 @@ fn main() {
             st.refine_pages_read / n
         );
     }
-}
-
-/// `micro`: the cost of each step of a probe on random data, to see where a scan's time goes.
-#[allow(dead_code)]
-pub fn micro(d: usize) {
-    use rsclip_index::format::{encode_list_tuple, encode_refine_tuple, ListTuple, RefineTuple};
-    use rsclip_index::rabitq::{encode, quantize_u8, refine_estimate, QueryQuant};
-    let mut rng = rsclip_index::rng::Rng::new(5);
-    let n = 2000;
-    let vs: Vec<Vec<f32>> = (0..n)
-        .map(|_| (0..d).map(|_| rng.gaussian() as f32).collect())
-        .collect();
-    let w: Vec<f32> = (0..d).map(|_| rng.gaussian() as f32).collect();
-    let mut tuples = Vec::new();
-    let mut refines = Vec::new();
-    for (i, v) in vs.iter().enumerate() {
-        let c = encode(v);
-        let (lo, delta, u) = quantize_u8(v);
-        let mut t = Vec::new();
-        let tid = Tid {
-            block: i as u32,
-            offset: 1,
-        };
-        encode_list_tuple(&mut t, tid, c.norm, c.dot_oo, 0.1, &c.bits, 1, 1);
-        tuples.push(t);
-        let mut r = Vec::new();
-        encode_refine_tuple(&mut r, tid, lo, delta, &u);
-        refines.push(r);
-    }
-    let reps = 200;
-    let t = Instant::now();
-    let mut acc = 0f32;
-    for _ in 0..reps * 2000 {
-        acc += std::hint::black_box(QueryQuant::new(std::hint::black_box(&w))).norm();
-    }
-    println!(
-        "QueryQuant::new      {:7.1} ns",
-        t.elapsed().as_nanos() as f64 / (reps * 2000) as f64
-    );
-    let qq = QueryQuant::new(&w);
-    let t = Instant::now();
-    for _ in 0..reps {
-        for b in &tuples {
-            let t = ListTuple::decode(std::hint::black_box(b), d).unwrap();
-            acc += t.norm;
-        }
-    }
-    println!(
-        "decode               {:7.1} ns",
-        t.elapsed().as_nanos() as f64 / (reps * n) as f64
-    );
-    let t = Instant::now();
-    for _ in 0..reps {
-        for b in &tuples {
-            let t = ListTuple::decode(b, d).unwrap();
-            acc += qq.estimate(t.code, t.norm, t.dot_oo).value;
-        }
-    }
-    println!(
-        "decode+estimate      {:7.1} ns",
-        t.elapsed().as_nanos() as f64 / (reps * n) as f64
-    );
-    let (ws, wn) = (w.iter().sum::<f32>(), qq.norm());
-    let t = Instant::now();
-    for _ in 0..reps {
-        for b in &refines {
-            let t = RefineTuple::decode(b, d).unwrap();
-            acc += refine_estimate(t.lo, t.delta, t.codes, &w, ws, wn).value;
-        }
-    }
-    println!(
-        "decode+refine        {:7.1} ns   ({acc})",
-        t.elapsed().as_nanos() as f64 / (reps * n) as f64
-    );
 }

@@ -19,11 +19,11 @@
 //!
 //! Crash safety: a build is not crash safe by itself; see the crate documentation.
 
-use crate::common::{encode_tuple, prepare};
+use crate::common::{encode_row, prepare};
 use crate::format::{
-    centroid_chunk_capacity, encode_centroid_chunk, has_refine, list_tuple_size, refine_tuple_size,
-    set_refine_location, Meta, META_BLOCK, PAGE_CENTROID, PAGE_LIST, PAGE_META, PAGE_REFINE,
-    ROTATION_ROUNDS,
+    block_rows, centroid_chunk_capacity, encode_block, encode_centroid_chunk, has_refine,
+    refine_tuple_size, CodeBlock, Meta, RowCode, META_BLOCK, PAGE_CENTROID, PAGE_LIST, PAGE_META,
+    PAGE_REFINE, ROTATION_ROUNDS, SLOT_BYTES,
 };
 use crate::page::{fits, Opaque, PageRead, PageWrite, Relation};
 use crate::rabitq::{padded_dims, Rotation};
@@ -95,14 +95,13 @@ pub struct IndexBuilder<'r, R: Relation> {
     /// Tail page of each list's code chain and refinement chain.
     tails: Vec<BlockNumber>,
     refine_tails: Vec<BlockNumber>,
-    /// Buffered code and refinement tuples of each list (the code tuples not yet pointing at
-    /// their refinement block).
-    buffers: Vec<Vec<u8>>,
+    /// Buffered rows and refinement tuples of each list (the rows not yet pointing at their
+    /// refinement tuples).
+    buffers: Vec<Vec<RowCode>>,
     refine_buffers: Vec<Vec<u8>>,
     buffered: usize,
     limit: usize,
     stats: BuildStats,
-    scratch: Vec<u8>,
     refine_scratch: Vec<u8>,
     placed: Vec<(BlockNumber, u16)>,
 }
@@ -160,21 +159,79 @@ fn append_tuples<R: Relation>(
     }
 }
 
+/// Append `rows` to the code chain whose tail is `tail`: first into the tail's last block if
+/// it has free slots, then as new blocks, on the tail and then on new pages; returns the new
+/// tail. Build only (no concurrent access).
+fn append_rows<R: Relation>(
+    rel: &R,
+    tail: BlockNumber,
+    rows: &[RowCode],
+    d: usize,
+) -> Result<BlockNumber> {
+    let cap = block_rows(d);
+    let mut cur_blk = tail;
+    let mut cur = rel.write(tail);
+    let mut rest = rows;
+    let last = cur.max_offset();
+    if last > 0 {
+        if let Some(b) = cur.item_mut(last) {
+            let mut merged: Vec<RowCode> = {
+                let cb = CodeBlock::decode(b, d).map_err(|e| Error::corrupt(tail, e.0))?;
+                (0..cb.len()).map(|i| cb.row(i)).collect()
+            };
+            if merged.len() < cap {
+                let take = (cap - merged.len()).min(rest.len());
+                merged.extend_from_slice(&rest[..take]);
+                b.copy_from_slice(&encode_block(&merged, d));
+                rest = &rest[take..];
+            }
+        }
+    }
+    let mut blocks = rest.chunks(cap).peekable();
+    loop {
+        while let Some(chunk) = blocks.peek() {
+            let item = encode_block(chunk, d);
+            if !fits(&cur, item.len()) {
+                break;
+            }
+            cur.add_item(&item)
+                .ok_or_else(|| Error::corrupt(cur_blk, "page refused an item that fits"))?;
+            blocks.next();
+        }
+        if blocks.peek().is_none() {
+            return Ok(cur_blk);
+        }
+        let (nb, mut nw) = rel.extend();
+        nw.reinit(Opaque::new(PAGE_LIST));
+        drop(nw);
+        let o = cur.opaque();
+        cur.set_opaque(Opaque { next: nb, ..o });
+        drop(cur);
+        cur = rel.write(nb);
+        cur_blk = nb;
+        if !fits(&cur, crate::format::block_size(d)) {
+            return Err(Error::InvalidArgument(
+                "a code block does not fit on an empty page".into(),
+            ));
+        }
+    }
+}
+
 /// One thread's share of a batch: each row's list (`None`: skipped zero vector) and the
 /// concatenated code and refinement tuples of the rows that have one.
-type EncodedChunk = (Vec<Option<u32>>, Vec<u8>, Vec<u8>);
+type EncodedChunk = (Vec<Option<u32>>, Vec<RowCode>, Vec<u8>);
 
-/// Prepares `vector` (normalize, rotate), finds its nearest centroid and appends its code and
-/// refinement tuples to `out` and `refine`; `None` for a zero vector under cosine (not indexed).
+/// Prepares `vector` (normalize, rotate), finds its nearest centroid and encodes its row
+/// (appending its refinement tuple to `refine`); `None` for a zero vector under cosine (not
+/// indexed).
 fn assign_and_encode(
     meta: &Meta,
     rot: &Rotation,
     cents: &[f32],
     tid: Tid,
     vector: &[f32],
-    out: &mut Vec<u8>,
     refine: &mut Vec<u8>,
-) -> Result<Option<usize>> {
+) -> Result<Option<(usize, RowCode)>> {
     let Some(v) = prepare(meta, rot, vector)? else {
         return Ok(None);
     };
@@ -190,8 +247,14 @@ fn assign_and_encode(
         }
     }
     let list = best.1;
-    encode_tuple(out, refine, tid, &v, &cents[list * d..(list + 1) * d]);
-    Ok(Some(list))
+    let row = encode_row(
+        meta.metric,
+        refine,
+        tid,
+        &v,
+        &cents[list * d..(list + 1) * d],
+    );
+    Ok(Some((list, row)))
 }
 
 impl<'r, R: Relation> IndexBuilder<'r, R> {
@@ -337,7 +400,6 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
                 lists: nlists as u32,
                 ..BuildStats::default()
             },
-            scratch: Vec::new(),
             refine_scratch: Vec::new(),
             placed: Vec::new(),
         };
@@ -359,28 +421,17 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
 
     /// Index one heap row.
     pub fn add(&mut self, tid: Tid, vector: &[f32]) -> Result<AddOutcome> {
-        let mut scratch = std::mem::take(&mut self.scratch);
         let mut refine = std::mem::take(&mut self.refine_scratch);
-        scratch.clear();
         refine.clear();
-        let list = assign_and_encode(
-            &self.meta,
-            &self.rot,
-            &self.cents,
-            tid,
-            vector,
-            &mut scratch,
-            &mut refine,
-        );
+        let list = assign_and_encode(&self.meta, &self.rot, &self.cents, tid, vector, &mut refine);
         let outcome = match list {
-            Ok(Some(list)) => self.append_encoded(list, &scratch, &refine),
+            Ok(Some((list, row))) => self.append_encoded(list, row, &refine),
             Ok(None) => {
                 self.stats.skipped_zero += 1;
                 Ok(AddOutcome::SkippedZeroVector)
             }
             Err(e) => Err(e),
         };
-        self.scratch = scratch;
         self.refine_scratch = refine;
         outcome
     }
@@ -403,12 +454,15 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
         let (meta, rot, cents) = (&self.meta, &self.rot, &self.cents[..]);
         let encode_chunk = |tids: &[Tid], vectors: &[f32]| -> Result<EncodedChunk> {
             let mut lists = Vec::with_capacity(tids.len());
-            let (mut bytes, mut refine) = (Vec::new(), Vec::new());
+            let (mut rows, mut refine) = (Vec::new(), Vec::new());
             for (&tid, v) in tids.iter().zip(vectors.chunks_exact(dims)) {
-                let list = assign_and_encode(meta, rot, cents, tid, v, &mut bytes, &mut refine)?;
-                lists.push(list.map(|l| l as u32));
+                let list = assign_and_encode(meta, rot, cents, tid, v, &mut refine)?;
+                lists.push(list.map(|(l, row)| {
+                    rows.push(row);
+                    l as u32
+                }));
             }
-            Ok((lists, bytes, refine))
+            Ok((lists, rows, refine))
         };
         let chunks: Vec<Result<EncodedChunk>> = if threads == 1 {
             vec![encode_chunk(tids, vectors)]
@@ -426,15 +480,14 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
             })
         };
         let d = self.meta.padded_dims as usize;
-        let tsize = list_tuple_size(d);
         let rsize = if has_refine(d) {
             refine_tuple_size(d)
         } else {
             0
         };
         for chunk in chunks {
-            let (lists, bytes, refine) = chunk?;
-            let mut tuples = bytes.chunks_exact(tsize);
+            let (lists, rows, refine) = chunk?;
+            let mut tuples = rows.into_iter();
             let mut refines = refine.chunks(rsize.max(1));
             for list in lists {
                 match list {
@@ -458,10 +511,11 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
         Ok(())
     }
 
-    fn append_encoded(&mut self, list: usize, tuple: &[u8], refine: &[u8]) -> Result<AddOutcome> {
-        self.buffers[list].extend_from_slice(tuple);
+    fn append_encoded(&mut self, list: usize, row: RowCode, refine: &[u8]) -> Result<AddOutcome> {
+        // What a buffered row costs: its slot and code, its Vec, its refinement bytes.
+        self.buffered += SLOT_BYTES + row.bits.len() * 8 + 48 + refine.len();
+        self.buffers[list].push(row);
         self.refine_buffers[list].extend_from_slice(refine);
-        self.buffered += tuple.len() + refine.len();
         self.stats.tuples += 1;
         if self.buffered > self.limit {
             self.flush()?;
@@ -469,11 +523,10 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
         Ok(AddOutcome::Added)
     }
 
-    /// Append every buffered tuple to its chains: the refinement tuples first, so that each
-    /// code tuple can name the block that took its refinement tuple.
+    /// Append every buffered row to its chains: the refinement tuples first, so that each row
+    /// can name the item that took its refinement tuple.
     fn flush(&mut self) -> Result<()> {
         let d = self.meta.padded_dims as usize;
-        let tsize = list_tuple_size(d);
         for list in 0..self.buffers.len() {
             if self.buffers[list].is_empty() {
                 continue;
@@ -489,25 +542,17 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
                     &mut self.placed,
                 )?;
                 self.refine_buffers[list].clear();
-                if self.placed.len() * tsize != self.buffers[list].len() {
+                if self.placed.len() != self.buffers[list].len() {
                     return Err(Error::InvalidArgument(
                         "code and refinement tuples do not pair up".into(),
                     ));
                 }
-                for (t, &(blk, off)) in self.buffers[list].chunks_exact_mut(tsize).zip(&self.placed)
-                {
-                    set_refine_location(t, blk, off);
+                for (r, &(blk, off)) in self.buffers[list].iter_mut().zip(&self.placed) {
+                    r.refine_block = blk;
+                    r.refine_offset = off;
                 }
             }
-            self.placed.clear();
-            self.tails[list] = append_tuples(
-                self.rel,
-                self.tails[list],
-                &self.buffers[list],
-                tsize,
-                PAGE_LIST,
-                &mut self.placed,
-            )?;
+            self.tails[list] = append_rows(self.rel, self.tails[list], &self.buffers[list], d)?;
             self.buffers[list].clear();
         }
         self.buffered = 0;

@@ -8,7 +8,7 @@
 //! crash between an extension and its link) are counted, not treated as corruption.
 
 use crate::common::{check_block, read_meta, walk_centroids, PageCopy};
-use crate::format::{ListTuple, RefineTuple, META_BLOCK, PAGE_LIST, PAGE_REFINE};
+use crate::format::{CodeBlock, RefineTuple, META_BLOCK, PAGE_LIST, PAGE_REFINE};
 use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK};
 
 /// What [`check`] found.
@@ -115,11 +115,14 @@ pub fn check<R: crate::page::Relation>(rel: &R) -> Result<CheckReport> {
             PAGE_LIST,
             LIST,
             |blk, i, b| {
-                let t = ListTuple::decode(b, d)
+                let cb = CodeBlock::decode(b, d)
                     .map_err(|e| Error::corrupt(blk, format!("item {}: {}", i + 1, e.0)))?;
-                report.tids.push(t.tid);
-                refs.push((t.tid, t.refine_block));
-                count += 1;
+                for r in 0..cb.len() {
+                    let tid = cb.tid(r);
+                    report.tids.push(tid);
+                    refs.push((tid, cb.refine(r).0));
+                    count += 1;
+                }
                 Ok(())
             },
         )?;

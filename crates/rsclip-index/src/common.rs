@@ -1,11 +1,11 @@
 //! Helpers shared by the index operations.
 
 use crate::format::{
-    encode_list_tuple, encode_refine_tuple, CentroidChunk, Meta, META_BLOCK, PAGE_CENTROID,
-    PAGE_META,
+    block_rows, block_size, encode_block, encode_refine_tuple, CentroidChunk, CodeBlock, Meta,
+    RowCode, META_BLOCK, PAGE_CENTROID, PAGE_LIST, PAGE_META,
 };
 use crate::page::{fits, Opaque, PageRead, PageWrite, Relation};
-use crate::rabitq::{encode, Rotation};
+use crate::rabitq::{encode, row_factors, Rotation};
 use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK};
 use rsclip_core::distance::{dot, l2_squared};
 
@@ -174,32 +174,144 @@ pub(crate) fn centroid_distance(metric: Metric, c: &[f32], q: &[f32]) -> f32 {
     }
 }
 
-/// Encode the code tuple (into `code`, pointing nowhere yet: see
-/// [`crate::format::set_refine_location`]) and, when the width allows one, the refinement tuple
-/// (into `refine`) of rotated vector `v` in the list with rotated centroid `c`.
-pub(crate) fn encode_tuple(
-    code: &mut Vec<u8>,
+/// Encode row `tid` with rotated vector `v` in the list with rotated centroid `c`: its code
+/// (pointing at no refinement yet: the caller sets the location once the refinement tuple is
+/// placed) and, when the width allows one, its refinement tuple (appended to `refine`).
+pub(crate) fn encode_row(
+    metric: Metric,
     refine: &mut Vec<u8>,
     tid: Tid,
     v: &[f32],
     c: &[f32],
-) {
+) -> RowCode {
     let resid: Vec<f32> = v.iter().zip(c).map(|(a, b)| a - b).collect();
-    let bits = encode(&resid);
-    let rc = dot(&resid, c);
-    encode_list_tuple(
-        code,
-        tid,
-        bits.norm,
-        bits.dot_oo,
-        rc,
-        &bits.bits,
-        INVALID_BLOCK,
-        0,
-    );
+    let code = encode(&resid);
+    let factors = row_factors(metric, &resid, c, &code);
     if crate::format::has_refine(resid.len()) {
         let (lo, delta, u) = crate::rabitq::quantize_u8(&resid);
-        encode_refine_tuple(refine, tid, lo, delta, &u);
+        let rc = dot(&resid, c);
+        encode_refine_tuple(refine, tid, lo, delta, code.norm, rc, &u);
+    }
+    RowCode {
+        tid,
+        refine_block: INVALID_BLOCK,
+        refine_offset: 0,
+        factors,
+        bits: code.bits,
+    }
+}
+
+/// Add `row` to the code chain starting at `head`: into the last block of the first page whose
+/// blocks have a free slot, or as a new block on the first page with room for one, else on a
+/// new page linked at the tail. Same locking as [`append_to_chain`].
+pub(crate) fn append_row_to_chain<R: Relation>(
+    rel: &R,
+    head: BlockNumber,
+    d: usize,
+    row: &RowCode,
+) -> Result<()> {
+    let cap = block_rows(d);
+    let bsize = block_size(d);
+    let expect = |f: u16, blk: BlockNumber| -> Result<()> {
+        if f != PAGE_LIST {
+            return Err(Error::corrupt(
+                blk,
+                format!("expected a list page, flags are {f:#x}"),
+            ));
+        }
+        Ok(())
+    };
+    // Where a page can take the row: a block with a free slot (its offset), or a new block.
+    let room = |page: &dyn PageReadDyn, blk: BlockNumber| -> Result<Option<Option<u16>>> {
+        let last = page.max_offset_dyn();
+        if last > 0 {
+            if let Some(b) = page.item_dyn(last) {
+                let cb = CodeBlock::decode(b, d)
+                    .map_err(|e| Error::corrupt(blk, format!("item {last}: {}", e.0)))?;
+                if cb.len() < cap {
+                    return Ok(Some(Some(last)));
+                }
+            }
+        }
+        Ok(page.fits_dyn(bsize).then_some(None))
+    };
+    let mut blk = head;
+    let mut from = head;
+    let mut walk = ChainWalk::new(rel, head);
+    loop {
+        walk.step(rel, blk, from)?;
+        let (r, next) = {
+            let page = rel.read(blk);
+            expect(page.opaque().flags, blk)?;
+            (room(&page, blk)?, page.opaque().next)
+        };
+        if r.is_none() && next != INVALID_BLOCK {
+            from = blk;
+            blk = next;
+            continue;
+        }
+        let mut w = rel.write(blk);
+        let o = w.opaque();
+        expect(o.flags, blk)?;
+        match room(&w, blk)? {
+            Some(Some(off)) => {
+                let b = w
+                    .item_mut(off)
+                    .ok_or_else(|| Error::corrupt(blk, "code block vanished under the lock"))?;
+                let mut rows: Vec<RowCode> = {
+                    let cb = CodeBlock::decode(b, d).map_err(|e| Error::corrupt(blk, e.0))?;
+                    (0..cb.len()).map(|i| cb.row(i)).collect()
+                };
+                rows.push(row.clone());
+                b.copy_from_slice(&encode_block(&rows, d));
+                return Ok(());
+            }
+            Some(None) => {
+                w.add_item(&encode_block(std::slice::from_ref(row), d))
+                    .ok_or_else(|| Error::corrupt(blk, "page refused an item that fits"))?;
+                return Ok(());
+            }
+            None if o.next != INVALID_BLOCK => {
+                drop(w);
+                from = blk;
+                blk = o.next;
+                continue;
+            }
+            None => {}
+        }
+        let (nb, mut nw) = rel.extend();
+        nw.reinit(Opaque::new(PAGE_LIST));
+        if nw
+            .add_item(&encode_block(std::slice::from_ref(row), d))
+            .is_none()
+        {
+            return Err(Error::InvalidArgument(
+                "a code block does not fit on an empty page".into(),
+            ));
+        }
+        drop(nw); // WAL record 1: the complete new page
+        w.set_opaque(Opaque { next: nb, ..o });
+        drop(w); // WAL record 2: the link
+        return Ok(());
+    }
+}
+
+/// Object-safe view of [`PageRead`] (read and write guards are different types).
+pub(crate) trait PageReadDyn {
+    fn max_offset_dyn(&self) -> u16;
+    fn item_dyn(&self, off: u16) -> Option<&[u8]>;
+    fn fits_dyn(&self, len: usize) -> bool;
+}
+
+impl<P: PageRead> PageReadDyn for P {
+    fn max_offset_dyn(&self) -> u16 {
+        self.max_offset()
+    }
+    fn item_dyn(&self, off: u16) -> Option<&[u8]> {
+        self.item(off)
+    }
+    fn fits_dyn(&self, len: usize) -> bool {
+        fits(self, len)
     }
 }
 

@@ -1,4 +1,4 @@
-//! On-disk format, version 3. All integers and floats are little endian.
+//! On-disk format, version 4. All integers and floats are little endian.
 //!
 //! ## Pages
 //! Every page's [`Opaque`](crate::page::Opaque) carries `next` (the next page of its chain or
@@ -16,14 +16,14 @@
 //!
 //! Why two chains per list: a scan reads every code tuple of the lists it probes but the
 //! 8-bit refinement code of only the few rows whose 1-bit bounds leave them in the running.
-//! Kept apart, code tuples are 72 bytes for 384 dimensions (about 100 per page instead of 17),
-//! so a probe reads 6× fewer pages and bytes.
+//! Kept apart, the codes of 96 rows of 384 dimensions fit a page (17 with the 8-bit codes), so
+//! a probe reads 6× fewer pages and bytes.
 //!
 //! ## Meta item (64 bytes)
 //! | off | type | field |
 //! |----:|------|-------|
 //! | 0  | u32 | magic [`MAGIC`] |
-//! | 4  | u32 | version (3) |
+//! | 4  | u32 | version (4) |
 //! | 8  | u32 | dims |
 //! | 12 | u32 | padded dims `D` (dims rounded up to a multiple of 64) |
 //! | 16 | u32 | metric (0 inner product, 1 cosine, 2 L2) |
@@ -49,19 +49,29 @@
 //! | 12 | u32 | reserved (0) |
 //! | 16 | f32 × n | centroid coordinates `start .. start + n` |
 //!
-//! ## Code tuple (24 + D/8 bytes: 72 for 384 dimensions, 120 for 768), in a code chain
+//! ## Code block (8 + 32 · (28 + D/8) bytes: 2440 for 384 dimensions, three per page)
+//! A code chain's items are blocks of up to [`block_rows`] rows (32; 1 when `D` > 1792, where
+//! 32 codes would not fit a page), their fields stored column by column so that a scan
+//! estimates a whole block at once: codes in the [`fastscan`] layout, constants in arrays of
+//! floats. `C` is the capacity; slots at and past the count are zero.
+//!
 //! | off | type | field |
 //! |----:|------|-------|
-//! | 0  | u32 | heap block |
-//! | 4  | u16 | heap offset |
-//! | 6  | u16 | offset of the refinement tuple in its block when written (a hint, see below) |
-//! | 8  | f32 | `|r|`: norm of the residual `r = x - c` |
-//! | 12 | f32 | `<ō, o>`: inner product of the unit residual with its 1-bit quantization |
-//! | 16 | f32 | `<r, c>` |
-//! | 20 | u32 | block of the refinement chain holding this row's refinement tuple (`INVALID_BLOCK` when `D` > 4096: no refinement) |
-//! | 24 | u64 × D/64 | sign bits of the rotated residual: bit `i % 64` of word `i / 64` is 1 iff coordinate `i` ≥ 0 |
+//! | 0  | u16 | rows used (1 ..= C) |
+//! | 2  | u16 | capacity `C` (must equal [`block_rows`]) |
+//! | 4  | u32 | reserved (0) |
+//! | 8  | u32 × C | heap blocks |
+//! | 8 + 4C | u16 × C | heap offsets |
+//! | 8 + 6C | u16 × C | offset of each row's refinement tuple when written (a hint, see below) |
+//! | 8 + 8C | u32 × C | block of each row's refinement tuple (`INVALID_BLOCK` when `D` > 4096: none) |
+//! | 8 + 12C | f32 × C × 4 | estimator constants `k0`, `f1`, `h`, `e1` (one array each, see [`RowFactors`]) |
+//! | 8 + 28C | | sign bits of the rotated residuals `r = x - c`: the fast-scan layout when `C` = 32, else the row's `D/64` little-endian words (bit `i % 64` of word `i / 64` is 1 iff coordinate `i` ≥ 0) |
 //!
-//! ## Refinement tuple (16 + D bytes: 400 for 384 dimensions), in a refinement chain
+//! Inserts fill the last block of a chain's first page with room, or add a block; VACUUM
+//! rewrites a block without its dead rows (in place, order kept), or deletes it when none is
+//! left.
+//!
+//! ## Refinement tuple (24 + D bytes: 408 for 384 dimensions), in a refinement chain
 //! Written before its code tuple (a crash in between leaves an unreferenced refinement tuple,
 //! removed by VACUUM with its dead heap row). Readers look at the offset the code tuple names
 //! and check the heap tid there; VACUUM's compaction only moves tuples to lower offsets of the
@@ -74,18 +84,22 @@
 //! | 6  | u16 | flags (0; reserved) |
 //! | 8  | f32 | `lo` of the 8-bit code |
 //! | 12 | f32 | `delta` of the 8-bit code |
-//! | 16 | u8 × D | rotated residual ≈ `lo + delta * u_i` (round to nearest) |
+//! | 16 | f32 | `|r|` |
+//! | 20 | f32 | `<r, c>` |
+//! | 24 | u8 × D | rotated residual ≈ `lo + delta * u_i` (round to nearest) |
 
 use crate::page::MAX_ITEM_SIZE;
 use crate::rabitq::padded_dims;
 use crate::{BlockNumber, Metric, Tid, INVALID_BLOCK, MAX_DIMS, MAX_LISTS};
+use rsclip_core::fastscan;
 use std::fmt;
 
 /// Magic number of the meta page ("RSIQ").
 pub const MAGIC: u32 = 0x5153_4952;
-/// Format version written by this crate (3: refinement codes in chains of their own; 2 kept
+/// Format version written by this crate (4: codes in fast-scan blocks of 32 rows; 3: one code
+/// tuple per row; 3 and 4 keep refinement codes in chains of their own, 2 kept
 /// them in the list tuples).
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Block number of the meta page.
 pub const META_BLOCK: BlockNumber = 0;
 /// Opaque flag of the meta page.
@@ -100,10 +114,12 @@ pub const PAGE_REFINE: u16 = 0x0008;
 pub const ROTATION_ROUNDS: u32 = 3;
 /// Size of the centroid item header.
 pub const CENTROID_HEADER: usize = 16;
-/// Size of the code tuple header (before the code bits).
-pub const LIST_TUPLE_HEADER: usize = 24;
-/// Size of the refinement tuple header (tid, flags, `lo`, `delta`).
-pub const REFINE_HEADER: usize = 16;
+/// Size of the code block header (row count, capacity, reserved).
+pub const BLOCK_HEADER: usize = 8;
+/// Bytes per row of a code block besides its code: heap tid, refinement location, 4 floats.
+pub const SLOT_BYTES: usize = 28;
+/// Size of the refinement tuple header (tid, flags, `lo`, `delta`, `|r|`, `<r, c>`).
+pub const REFINE_HEADER: usize = 24;
 /// Largest padded dimension count whose tuples carry the 8-bit refinement code (a tuple must fit
 /// a page); wider indexes use the 1-bit code alone.
 pub const REFINE_MAX_DIMS: usize = 4096;
@@ -343,9 +359,19 @@ pub fn centroid_chunk_capacity(free: usize) -> usize {
     usable.saturating_sub(CENTROID_HEADER) / 4
 }
 
-/// Size of a code tuple for `padded_dims` dimensions.
-pub fn list_tuple_size(padded_dims: usize) -> usize {
-    LIST_TUPLE_HEADER + padded_dims / 8
+/// Rows per code block of `padded_dims` dimensions: 32 (the fast-scan layout) when such a block
+/// fits a page, else 1 (more than 1792 dimensions: codes stay row by row).
+pub fn block_rows(padded_dims: usize) -> usize {
+    if BLOCK_HEADER + 32 * (SLOT_BYTES + padded_dims / 8) <= MAX_ITEM_SIZE {
+        fastscan::BLOCK
+    } else {
+        1
+    }
+}
+
+/// Size of a code block item for `padded_dims` dimensions.
+pub fn block_size(padded_dims: usize) -> usize {
+    BLOCK_HEADER + block_rows(padded_dims) * (SLOT_BYTES + padded_dims / 8)
 }
 
 /// Size of a refinement tuple for `padded_dims` dimensions.
@@ -353,24 +379,261 @@ pub fn refine_tuple_size(padded_dims: usize) -> usize {
     REFINE_HEADER + padded_dims
 }
 
-/// A parsed list tuple.
-#[derive(Clone, Copy, Debug)]
-pub struct ListTuple<'a> {
+/// One row's code, as build, insert and VACUUM handle it before it is packed into a block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowCode {
     /// Heap tuple id.
     pub tid: Tid,
-    /// `|r|`.
-    pub norm: f32,
-    /// `<ō, o>`.
-    pub dot_oo: f32,
-    /// `<r, c>`.
-    pub rc: f32,
-    /// Code bits, `D / 8` bytes (little-endian u64 words).
-    pub code: &'a [u8],
     /// Block of the refinement tuple ([`INVALID_BLOCK`]: none).
     pub refine_block: BlockNumber,
     /// Offset of the refinement tuple in `refine_block` when it was written. A hint: VACUUM's
     /// compaction may move it to a lower offset of the same page (readers then search down).
     pub refine_offset: u16,
+    /// The estimator's per-row constants (see [`crate::rabitq`]).
+    pub factors: RowFactors,
+    /// Sign bits of the rotated residual, `D / 64` words.
+    pub bits: Vec<u64>,
+}
+
+/// Per-row constants of the 1-bit estimator (see [`crate::rabitq::row_factors`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RowFactors {
+    /// Metric-dependent constant term.
+    pub k0: f32,
+    /// `|r| / <ō, o>`: the scale of `<ō, q̄>` (0 for a zero residual).
+    pub f1: f32,
+    /// `f1 · (2·popcount − D) / sqrt(D)`: the coefficient of the query's quantization offset.
+    pub h: f32,
+    /// `|r| · sqrt(1 − <ō,o>²) / <ō,o>`: the coefficient of the error bound.
+    pub e1: f32,
+}
+
+impl RowFactors {
+    fn valid(&self) -> bool {
+        self.k0.is_finite()
+            && self.f1.is_finite()
+            && self.f1 >= 0.0
+            && self.h.is_finite()
+            && self.e1.is_finite()
+            && self.e1 >= 0.0
+    }
+}
+
+/// A parsed code block: up to [`block_rows`] rows.
+#[derive(Clone, Copy, Debug)]
+pub struct CodeBlock<'a> {
+    b: &'a [u8],
+    cap: usize,
+    count: usize,
+    dims: usize,
+}
+
+/// The estimator constants of a block's slots, column by column (`k0, f1, h, e1`; unused slots
+/// 0): [`CodeBlock::decode_into`] fills them.
+pub type BlockFactors = [[f32; fastscan::BLOCK]; 4];
+
+impl<'a> CodeBlock<'a> {
+    /// Parse and validate a code block (every used slot is checked).
+    pub fn decode(b: &'a [u8], padded_dims: usize) -> Result<CodeBlock<'a>, FormatError> {
+        let mut factors = [[0f32; fastscan::BLOCK]; 4];
+        Self::decode_into(b, padded_dims, &mut factors)
+    }
+
+    /// [`CodeBlock::decode`], also parsing the slots' constants into `factors` (a scan reuses
+    /// one array for every block).
+    #[inline]
+    pub fn decode_into(
+        b: &'a [u8],
+        padded_dims: usize,
+        factors: &mut BlockFactors,
+    ) -> Result<CodeBlock<'a>, FormatError> {
+        if b.len() != block_size(padded_dims) {
+            return err(format!(
+                "code block has {} bytes, expected {}",
+                b.len(),
+                block_size(padded_dims)
+            ));
+        }
+        let cap = block_rows(padded_dims);
+        let (count, stored_cap, reserved) =
+            (u16_at(b, 0) as usize, u16_at(b, 2) as usize, u32_at(b, 4));
+        if stored_cap != cap || reserved != 0 {
+            return err(format!(
+                "code block header is invalid (capacity {stored_cap}, expected {cap}; reserved {reserved:#x})"
+            ));
+        }
+        if count == 0 || count > cap {
+            return err(format!(
+                "code block holds {count} rows, expected 1 to {cap}"
+            ));
+        }
+        for (f, arr) in factors.iter_mut().enumerate() {
+            let o = BLOCK_HEADER + (12 + 4 * f) * cap;
+            for (a, c) in arr.iter_mut().zip(b[o..o + 4 * cap].chunks_exact(4)) {
+                *a = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        // Runs once per block a scan reads: checks without early exits, so that they vectorize.
+        let [k0, f1, h, e1] = &*factors;
+        let mut ok = true;
+        for i in 0..count {
+            ok &= k0[i].is_finite()
+                & f1[i].is_finite()
+                & (f1[i] >= 0.0)
+                & h[i].is_finite()
+                & e1[i].is_finite()
+                & (e1[i] >= 0.0);
+        }
+        let offs = &b[BLOCK_HEADER + 4 * cap..BLOCK_HEADER + 4 * cap + 2 * count];
+        let zero_offset = offs
+            .chunks_exact(2)
+            .fold(false, |z, c| z | (c[0] | c[1] == 0));
+        let blk = CodeBlock {
+            b,
+            cap,
+            count,
+            dims: padded_dims,
+        };
+        if !ok || zero_offset {
+            return Err(blk.slot_error());
+        }
+        Ok(blk)
+    }
+
+    #[cold]
+    fn slot_error(&self) -> FormatError {
+        for i in 0..self.count {
+            if self.tid(i).offset == 0 {
+                return FormatError(format!("code block row {i} has heap offset 0"));
+            }
+            if !self.factors(i).valid() {
+                return FormatError(format!(
+                    "code block row {i} has invalid estimator constants {:?}",
+                    self.factors(i)
+                ));
+            }
+        }
+        FormatError("code block is invalid".into())
+    }
+
+    /// Rows used.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether no row is used (never true of a decoded block).
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether the codes are in the fast-scan layout ([`fastscan`]), else row by row.
+    pub fn packed(&self) -> bool {
+        self.cap == fastscan::BLOCK
+    }
+
+    /// Heap tid of row `i`.
+    #[inline]
+    pub fn tid(&self, i: usize) -> Tid {
+        Tid {
+            block: u32_at(self.b, BLOCK_HEADER + 4 * i),
+            offset: u16_at(self.b, BLOCK_HEADER + 4 * self.cap + 2 * i),
+        }
+    }
+
+    /// Refinement tuple location of row `i`.
+    #[inline]
+    pub fn refine(&self, i: usize) -> (BlockNumber, u16) {
+        (
+            u32_at(self.b, BLOCK_HEADER + 8 * self.cap + 4 * i),
+            u16_at(self.b, BLOCK_HEADER + 6 * self.cap + 2 * i),
+        )
+    }
+
+    /// Estimator constants of row `i`.
+    pub fn factors(&self, i: usize) -> RowFactors {
+        let f = |field: usize| {
+            let o = BLOCK_HEADER + (12 + 4 * field) * self.cap + 4 * i;
+            f32::from_le_bytes([self.b[o], self.b[o + 1], self.b[o + 2], self.b[o + 3]])
+        };
+        RowFactors {
+            k0: f(0),
+            f1: f(1),
+            h: f(2),
+            e1: f(3),
+        }
+    }
+
+    /// The code area: the fast-scan layout when [`CodeBlock::packed`], else the row's words.
+    pub fn codes(&self) -> &'a [u8] {
+        &self.b[BLOCK_HEADER + SLOT_BYTES * self.cap..]
+    }
+
+    /// Row `i` unpacked.
+    pub fn row(&self, i: usize) -> RowCode {
+        let (refine_block, refine_offset) = self.refine(i);
+        let bits = if self.packed() {
+            fastscan::get_code(self.codes(), self.dims, i)
+        } else {
+            self.codes()
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect()
+        };
+        RowCode {
+            tid: self.tid(i),
+            refine_block,
+            refine_offset,
+            factors: self.factors(i),
+            bits,
+        }
+    }
+}
+
+/// Encode `rows` (1 to [`block_rows`] of them) as one code block item.
+pub fn encode_block(rows: &[RowCode], padded_dims: usize) -> Vec<u8> {
+    let cap = block_rows(padded_dims);
+    assert!(!rows.is_empty() && rows.len() <= cap);
+    let mut b = vec![0u8; block_size(padded_dims)];
+    b[0..2].copy_from_slice(&(rows.len() as u16).to_le_bytes());
+    b[2..4].copy_from_slice(&(cap as u16).to_le_bytes());
+    let put = |b: &mut [u8], o: usize, v: &[u8]| b[o..o + v.len()].copy_from_slice(v);
+    for (i, r) in rows.iter().enumerate() {
+        put(&mut b, BLOCK_HEADER + 4 * i, &r.tid.block.to_le_bytes());
+        put(
+            &mut b,
+            BLOCK_HEADER + 4 * cap + 2 * i,
+            &r.tid.offset.to_le_bytes(),
+        );
+        put(
+            &mut b,
+            BLOCK_HEADER + 6 * cap + 2 * i,
+            &r.refine_offset.to_le_bytes(),
+        );
+        put(
+            &mut b,
+            BLOCK_HEADER + 8 * cap + 4 * i,
+            &r.refine_block.to_le_bytes(),
+        );
+        let f = r.factors;
+        for (k, v) in [f.k0, f.f1, f.h, f.e1].into_iter().enumerate() {
+            put(
+                &mut b,
+                BLOCK_HEADER + (12 + 4 * k) * cap + 4 * i,
+                &v.to_le_bytes(),
+            );
+        }
+    }
+    let codes = &mut b[BLOCK_HEADER + SLOT_BYTES * cap..];
+    if cap == fastscan::BLOCK {
+        for (i, r) in rows.iter().enumerate() {
+            fastscan::set_code(codes, padded_dims, i, &r.bits);
+        }
+    } else {
+        for (c, w) in codes.chunks_exact_mut(8).zip(&rows[0].bits) {
+            c.copy_from_slice(&w.to_le_bytes());
+        }
+    }
+    b
 }
 
 /// A parsed refinement tuple.
@@ -382,11 +645,15 @@ pub struct RefineTuple<'a> {
     pub lo: f32,
     /// Step of the 8-bit code.
     pub delta: f32,
+    /// `|r|`.
+    pub norm: f32,
+    /// `<r, c>`.
+    pub rc: f32,
     /// The rotated residual quantized to 8 bits, `lo + delta * u` per coordinate (`D` bytes).
     pub codes: &'a [u8],
 }
 
-/// The heap tid of a tuple of either kind (both start with it); `None` if too short.
+/// The heap tid at the start of a refinement tuple; `None` if too short.
 #[inline]
 pub fn tuple_tid(b: &[u8]) -> Option<Tid> {
     let h = b.first_chunk::<6>()?;
@@ -419,15 +686,22 @@ impl<'a> RefineTuple<'a> {
                 u16_at(b, 6)
             ));
         }
-        let lo = f32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-        let delta = f32::from_le_bytes(b[12..16].try_into().expect("4 bytes"));
+        let f = |o: usize| f32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let (lo, delta, norm, rc) = (f(8), f(12), f(16), f(20));
         if !(lo.is_finite() && delta.is_finite() && delta >= 0.0) {
             return err(format!("refinement tuple has invalid scale {lo} {delta}"));
+        }
+        if !(norm.is_finite() && norm >= 0.0 && rc.is_finite()) {
+            return err(format!(
+                "refinement tuple has invalid residual norm {norm} or <r,c> {rc}"
+            ));
         }
         Ok(RefineTuple {
             tid,
             lo,
             delta,
+            norm,
+            rc,
             codes: &b[REFINE_HEADER..],
         })
     }
@@ -448,121 +722,23 @@ pub fn refine_tuple_tid(b: &[u8], padded_dims: usize) -> Result<Tid, FormatError
     }
 }
 
-/// Read only the heap tid of a list tuple (for vacuum); validates the length.
-pub fn list_tuple_tid(b: &[u8], padded_dims: usize) -> Result<Tid, FormatError> {
-    if b.len() != list_tuple_size(padded_dims) {
-        return err(format!(
-            "list tuple has {} bytes, expected {}",
-            b.len(),
-            list_tuple_size(padded_dims)
-        ));
-    }
-    let tid = Tid {
-        block: u32_at(b, 0),
-        offset: u16_at(b, 4),
-    };
-    if tid.offset == 0 {
-        return err("list tuple has heap offset 0");
-    }
-    Ok(tid)
-}
-
-impl<'a> ListTuple<'a> {
-    /// Parse and validate a list tuple.
-    #[inline]
-    pub fn decode(b: &'a [u8], padded_dims: usize) -> Result<ListTuple<'a>, FormatError> {
-        // Runs once per probed tuple: the header is read as one fixed-size array (no per-field
-        // bounds checks) and every check is a plain comparison; messages are built only on
-        // failure.
-        if b.len() != list_tuple_size(padded_dims) {
-            return err(format!(
-                "list tuple has {} bytes, expected {}",
-                b.len(),
-                list_tuple_size(padded_dims)
-            ));
-        }
-        let Some((h, rest)) = b.split_first_chunk::<LIST_TUPLE_HEADER>() else {
-            return err("list tuple shorter than its header");
-        };
-        let f = |o: usize| f32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-        let tid = Tid {
-            block: u32::from_le_bytes([h[0], h[1], h[2], h[3]]),
-            offset: u16::from_le_bytes([h[4], h[5]]),
-        };
-        let refine_offset = u16::from_le_bytes([h[6], h[7]]);
-        let (norm, dot_oo, rc) = (f(8), f(12), f(16));
-        let valid = tid.offset != 0
-            && norm.is_finite()
-            && norm >= 0.0
-            && dot_oo.is_finite()
-            && dot_oo > 0.0
-            && dot_oo <= 1.001
-            && rc.is_finite();
-        if !valid {
-            return Err(Self::header_error(tid, norm, dot_oo));
-        }
-        Ok(ListTuple {
-            tid,
-            norm,
-            dot_oo,
-            rc,
-            code: rest,
-            refine_block: u32::from_le_bytes([h[20], h[21], h[22], h[23]]),
-            refine_offset,
-        })
-    }
-
-    #[cold]
-    fn header_error(tid: Tid, norm: f32, dot_oo: f32) -> FormatError {
-        FormatError(if tid.offset == 0 {
-            "list tuple has heap offset 0".to_string()
-        } else if !(norm.is_finite() && norm >= 0.0) {
-            format!("list tuple has invalid residual norm {norm}")
-        } else if !(dot_oo.is_finite() && dot_oo > 0.0 && dot_oo <= 1.001) {
-            format!("list tuple has invalid <o,ō> {dot_oo}")
-        } else {
-            "list tuple has non-finite <r,c>".to_string()
-        })
-    }
-}
-
-/// Append an encoded code tuple to `out`.
-#[allow(clippy::too_many_arguments)]
-pub fn encode_list_tuple(
+/// Append an encoded refinement tuple to `out`.
+pub fn encode_refine_tuple(
     out: &mut Vec<u8>,
     tid: Tid,
+    lo: f32,
+    delta: f32,
     norm: f32,
-    dot_oo: f32,
     rc: f32,
-    bits: &[u64],
-    refine_block: BlockNumber,
-    refine_offset: u16,
+    u: &[u8],
 ) {
-    out.extend_from_slice(&tid.block.to_le_bytes());
-    out.extend_from_slice(&tid.offset.to_le_bytes());
-    out.extend_from_slice(&refine_offset.to_le_bytes());
-    out.extend_from_slice(&norm.to_le_bytes());
-    out.extend_from_slice(&dot_oo.to_le_bytes());
-    out.extend_from_slice(&rc.to_le_bytes());
-    out.extend_from_slice(&refine_block.to_le_bytes());
-    for w in bits {
-        out.extend_from_slice(&w.to_le_bytes());
-    }
-}
-
-/// Point an encoded code tuple at the item that received its refinement tuple.
-pub fn set_refine_location(code_tuple: &mut [u8], blk: BlockNumber, off: u16) {
-    code_tuple[6..8].copy_from_slice(&off.to_le_bytes());
-    code_tuple[20..24].copy_from_slice(&blk.to_le_bytes());
-}
-
-/// Append an encoded refinement tuple to `out`.
-pub fn encode_refine_tuple(out: &mut Vec<u8>, tid: Tid, lo: f32, delta: f32, u: &[u8]) {
     out.extend_from_slice(&tid.block.to_le_bytes());
     out.extend_from_slice(&tid.offset.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&lo.to_le_bytes());
     out.extend_from_slice(&delta.to_le_bytes());
+    out.extend_from_slice(&norm.to_le_bytes());
+    out.extend_from_slice(&rc.to_le_bytes());
     out.extend_from_slice(u);
 }
 
@@ -609,47 +785,89 @@ mod tests {
         assert!(Meta::decode(&b[..63]).is_err());
     }
 
+    fn row(i: u32, d: usize) -> RowCode {
+        RowCode {
+            tid: Tid {
+                block: 7 + i,
+                offset: 3,
+            },
+            refine_block: 99 + i,
+            refine_offset: 17,
+            factors: RowFactors {
+                k0: -0.25 * i as f32,
+                f1: 1.5,
+                h: -0.1,
+                e1: 0.8,
+            },
+            bits: (0..d / 64)
+                .map(|w| ((w as u64 + 1) * 0x9E37_79B9) ^ i as u64)
+                .collect(),
+        }
+    }
+
     #[test]
-    fn tuple_roundtrip() {
-        let mut out = Vec::new();
+    fn block_roundtrip() {
+        for d in [128usize, 384, 1792, 1856, 16_000 / 64 * 64] {
+            let cap = block_rows(d);
+            assert_eq!(cap, if d <= 1792 { 32 } else { 1 }, "{d}");
+            assert!(block_size(d) <= MAX_ITEM_SIZE);
+            for n in [1, cap.min(5), cap] {
+                let rows: Vec<RowCode> = (0..n as u32).map(|i| row(i, d)).collect();
+                let b = encode_block(&rows, d);
+                assert_eq!(b.len(), block_size(d));
+                let blk = CodeBlock::decode(&b, d).unwrap();
+                assert_eq!(blk.len(), n);
+                assert_eq!(blk.packed(), cap == 32);
+                for (i, r) in rows.iter().enumerate() {
+                    assert_eq!(&blk.row(i), r, "{d} dims, row {i}");
+                    let mut f = [[0f32; 32]; 4];
+                    CodeBlock::decode_into(&b, d, &mut f).unwrap();
+                    assert_eq!((f[0][i], f[3][i]), (r.factors.k0, r.factors.e1));
+                }
+                assert!(CodeBlock::decode(&b[1..], d).is_err());
+                let mut bad = b.clone();
+                bad[0..2].copy_from_slice(&(cap as u16 + 1).to_le_bytes());
+                assert!(CodeBlock::decode(&bad, d).is_err());
+                let mut bad = b.clone();
+                bad[0..2].copy_from_slice(&0u16.to_le_bytes());
+                assert!(CodeBlock::decode(&bad, d).is_err());
+                // a NaN in the last used row's e1
+                let mut bad = b.clone();
+                let o = BLOCK_HEADER + 24 * cap + 4 * (n - 1);
+                bad[o..o + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+                assert!(CodeBlock::decode(&bad, d).is_err());
+                // heap offset 0
+                let mut bad = b.clone();
+                let o = BLOCK_HEADER + 4 * cap;
+                bad[o..o + 2].copy_from_slice(&0u16.to_le_bytes());
+                assert!(CodeBlock::decode(&bad, d).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn refine_tuple_roundtrip() {
         let tid = Tid {
             block: 7,
             offset: 3,
         };
-        encode_list_tuple(&mut out, tid, 1.5, 0.8, -0.25, &[1, 2], INVALID_BLOCK, 0);
-        assert_eq!(out.len(), list_tuple_size(128));
-        set_refine_location(&mut out, 99, 17);
-        let t = ListTuple::decode(&out, 128).unwrap();
-        assert_eq!(t.tid, tid);
-        assert_eq!(
-            (t.norm, t.dot_oo, t.rc, t.refine_block, t.refine_offset),
-            (1.5, 0.8, -0.25, 99, 17)
-        );
-        assert_eq!(t.code.len(), 16);
-        assert_eq!(t.code[0], 1);
-        assert_eq!(t.code[8], 2);
-        assert_eq!(tuple_tid(&out), Some(tid));
-        assert!(ListTuple::decode(&out, 192).is_err());
-        let mut bad = out.clone();
-        bad[12..16].copy_from_slice(&f32::NAN.to_le_bytes());
-        assert!(ListTuple::decode(&bad, 128).is_err());
-        let mut bad = out.clone();
-        bad[4] = 0;
-        assert!(ListTuple::decode(&bad, 128).is_err());
-
         let u: Vec<u8> = (0..128).map(|i| i as u8).collect();
         let mut r = Vec::new();
-        encode_refine_tuple(&mut r, tid, -0.5, 0.01, &u);
+        encode_refine_tuple(&mut r, tid, -0.5, 0.01, 1.25, -0.3, &u);
         assert_eq!(r.len(), refine_tuple_size(128));
         let rt = RefineTuple::decode(&r, 128).unwrap();
         assert_eq!(
-            (rt.tid, rt.lo, rt.delta, rt.codes),
-            (tid, -0.5, 0.01, &u[..])
+            (rt.tid, rt.lo, rt.delta, rt.norm, rt.rc, rt.codes),
+            (tid, -0.5, 0.01, 1.25, -0.3, &u[..])
         );
         assert_eq!(refine_tuple_tid(&r, 128), Ok(tid));
+        assert_eq!(tuple_tid(&r), Some(tid));
         assert!(RefineTuple::decode(&r, 192).is_err());
         let mut bad = r.clone();
         bad[12..16].copy_from_slice(&(-1f32).to_le_bytes());
+        assert!(RefineTuple::decode(&bad, 128).is_err());
+        let mut bad = r.clone();
+        bad[16..20].copy_from_slice(&f32::INFINITY.to_le_bytes());
         assert!(RefineTuple::decode(&bad, 128).is_err());
         let mut bad = r.clone();
         bad[6] = 1;

@@ -227,11 +227,14 @@ pub struct Estimate {
     pub error: f32,
 }
 
-/// A rotated query residual `w`, quantized to 4 bits per coordinate as bit planes.
+/// A rotated vector `w` (the query), quantized to 4 bits per coordinate as bit planes and as
+/// fast-scan lookup tables.
 #[derive(Clone, Debug)]
 pub struct QueryQuant {
     /// 4 plane words per code word, interleaved.
     planes: Vec<u64>,
+    /// Fast-scan lookup tables of the levels (empty past [`rsclip_core::fastscan::MAX_SEGMENTS`]).
+    luts: Vec<u8>,
     /// The popcount kernel for this CPU, looked up once instead of once per code.
     kernel: rsclip_core::bits::PlaneCountsKernel,
     lo: f32,
@@ -240,8 +243,6 @@ pub struct QueryQuant {
     norm: f32,
     dims: f32,
     inv_sqrt_d: f32,
-    /// `ε0 · |w| / sqrt(D - 1)`.
-    eps_scale: f32,
     /// `QUERY_QUANT_SIGMAS · |w - w̄| / sqrt(D)`.
     quant_err: f32,
 }
@@ -301,8 +302,14 @@ impl QueryQuant {
         let norm = norm2.iter().sum::<f32>().sqrt();
         let err = err2.iter().sum::<f32>().sqrt();
         let df = d as f32;
+        let luts = if d / 4 <= rsclip_core::fastscan::MAX_SEGMENTS {
+            rsclip_core::fastscan::build_luts(&levels)
+        } else {
+            Vec::new()
+        };
         QueryQuant {
             planes,
+            luts,
             kernel: rsclip_core::bits::plane_counts_kernel(),
             lo,
             delta,
@@ -310,7 +317,6 @@ impl QueryQuant {
             norm,
             dims: df,
             inv_sqrt_d: 1.0 / df.sqrt(),
-            eps_scale: EPSILON0 * norm / (df - 1.0).max(1.0).sqrt(),
             quant_err: QUERY_QUANT_SIGMAS * err / df.sqrt(),
         }
     }
@@ -329,20 +335,101 @@ impl QueryQuant {
             * ((2.0 * pc as f32 - self.dims) * self.lo + self.delta * (2.0 * sum_bu - self.sum_u))
     }
 
-    /// Estimate `<r, w>` for a residual with norm `norm_r`, `<ō, o>` = `dot_oo` and code bits
-    /// `code`.
-    pub fn estimate(&self, code: &[u8], norm_r: f32, dot_oo: f32) -> Estimate {
-        if norm_r == 0.0 {
-            return Estimate {
-                value: 0.0,
-                error: 0.0,
-            };
-        }
-        let a = dot_oo;
-        let value = norm_r * self.inner(code) / a;
-        let spread = (1.0 - a * a).max(0.0).sqrt();
-        let error = norm_r * ((self.eps_scale * spread + self.quant_err) / a + 1e-5 * self.norm);
-        Estimate { value, error }
+    /// The quantization offset `lo` (`w_i ≈ lo + Δ·u_i`).
+    pub fn lo(&self) -> f32 {
+        self.lo
+    }
+
+    /// Bound on `<ō, w - w̄>` for any code ([`QUERY_QUANT_SIGMAS`] standard deviations).
+    pub fn quant_err(&self) -> f32 {
+        self.quant_err
+    }
+
+    /// `Σ_i bit_i · u_i` of one code given as `D / 8` bytes (little-endian words).
+    pub fn level_sum(&self, code: &[u8]) -> u32 {
+        let (_, [s0, s1, s2, s3]) = (self.kernel)(code, &self.planes);
+        s0 + 2 * s1 + 4 * s2 + 8 * s3
+    }
+
+    /// [`QueryQuant::level_sum`] of the 32 codes of a block in the fast-scan layout.
+    pub fn level_sums_packed(&self, codes: &[u8], sums: &mut [u32; rsclip_core::fastscan::BLOCK]) {
+        rsclip_core::fastscan::accumulate(codes, &self.luts, sums)
+    }
+
+    /// The part of `<ō, w̄>` that depends on the code beyond its popcount, scaled:
+    /// `Δ · (2 · level_sum − Σu) / sqrt(D)`. With a row's constants ([`RowFactors`]),
+    /// `|r|/<ō,o> · <ō, w̄> = f1 · level_term + lo · h`.
+    ///
+    /// [`RowFactors`]: crate::format::RowFactors
+    #[inline]
+    pub fn level_term(&self, level_sum: u32) -> f32 {
+        self.delta * (2.0 * level_sum as f32 - self.sum_u) * self.inv_sqrt_d
+    }
+
+    /// The RaBitQ error scale for a query offset of norm `w_norm` from the centroid:
+    /// `ε0 · |w| / sqrt(D - 1)` (multiplied by a row's `e1`).
+    pub fn eps_for(&self, w_norm: f32) -> f32 {
+        EPSILON0 * w_norm / (self.dims - 1.0).max(1.0).sqrt()
+    }
+}
+
+/// The per-row constants of the 1-bit estimator for residual `r = x - c` with code `code`
+/// (all rotated), for `metric`: see [`crate::format::RowFactors`]. With them and a query `q`
+/// quantized once per scan ([`QueryQuant`]), the estimate of `<x, q>` (inner product and
+/// cosine) is `<c, q> + k0 + f1 · level_term + lo · h`, and of `|x - q|²` (L2)
+/// `k0 + |q - c|² - 2 (f1 · level_term + lo · h)`, each within
+/// `e1 · eps_for(|q - c|) + f1 · (quant_err + 1e-5 |q - c|)` (twice that for L2).
+///
+/// Why these: `<r, q - c> = <r, q> - <r, c>` and RaBitQ estimates `<r, v> ≈ |r| <ō, v> / <ō, o>`
+/// for any `v`; `<ō, q - c>` splits into `<ō, q̄>` (the query's tables, shared by every list)
+/// and `<ō, c>`, a per-row constant folded into `k0`. The query is quantized once per scan,
+/// not once per probed list.
+pub fn row_factors(
+    metric: crate::Metric,
+    r: &[f32],
+    c: &[f32],
+    code: &Code,
+) -> crate::format::RowFactors {
+    let d = r.len() as f64;
+    let rc: f64 = r.iter().zip(c).map(|(a, b)| *a as f64 * *b as f64).sum();
+    if code.norm == 0.0 {
+        let k0 = match metric {
+            crate::Metric::L2 => 0.0,
+            _ => rc as f32,
+        };
+        return crate::format::RowFactors {
+            k0,
+            ..Default::default()
+        };
+    }
+    let a = code.dot_oo as f64;
+    let norm = code.norm as f64;
+    let f1 = norm / a;
+    let pc: u32 = code.bits.iter().map(|w| w.count_ones()).sum();
+    let h = f1 * (2.0 * pc as f64 - d) / d.sqrt();
+    let oc: f64 = c
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            if code.bits[i / 64] >> (i % 64) & 1 == 1 {
+                x as f64
+            } else {
+                -(x as f64)
+            }
+        })
+        .sum::<f64>()
+        / d.sqrt();
+    let g = f1 * oc;
+    let e1 = norm * (1.0 - a * a).max(0.0).sqrt() / a;
+    let k0 = match metric {
+        crate::Metric::L2 => norm * norm + 2.0 * g,
+        _ => rc - g,
+    };
+    crate::format::RowFactors {
+        k0: k0 as f32,
+        f1: f1 as f32,
+        h: h as f32,
+        e1: e1 as f32,
     }
 }
 
@@ -432,7 +519,8 @@ mod tests {
         assert!((got - exact).abs() < 0.2, "{got} vs {exact}");
     }
 
-    /// Estimator error vs exact on random residuals: nearly unbiased, bound holds ≥ 99%.
+    /// Estimator error vs exact on random data: nearly unbiased, bound holds ≥ 99%, through
+    /// both code layouts (fast-scan tables and bit planes).
     #[test]
     fn estimator_unbiased_and_bound_valid() {
         let mut results = Vec::new();
@@ -442,25 +530,37 @@ mod tests {
             let rot = Rotation::new(d, seed, 3);
             let (mut n, mut ok, mut sum_err, mut sum_abs) = (0usize, 0usize, 0f64, 0f64);
             for _ in 0..20 {
-                // a centroid, a query and 100 data vectors around the centroid
+                // a centroid, a query and 32 data vectors around the centroid
                 let c: Vec<f32> = gauss(&mut rng, dims);
                 let q: Vec<f32> = c.iter().map(|x| x + 0.7 * rng.gaussian() as f32).collect();
                 let pc = rot.rotate(&c);
                 let pq = rot.rotate(&q);
                 let w: Vec<f32> = pq.iter().zip(&pc).map(|(a, b)| a - b).collect();
-                let qq = QueryQuant::new(&w);
-                for _ in 0..100 {
+                let w_norm = dot(&w, &w).sqrt() as f32;
+                let cq = dot(&pc, &pq) as f32;
+                let qq = QueryQuant::new(&pq);
+                let mut rows = Vec::new();
+                for _ in 0..32 {
                     let x: Vec<f32> = c.iter().map(|x| x + 0.5 * rng.gaussian() as f32).collect();
                     let px = rot.rotate(&x);
                     let v: Vec<f32> = px.iter().zip(&pc).map(|(a, b)| a - b).collect();
                     let code = encode(&v);
-                    let est = qq.estimate(&code_bytes(&code), code.norm, code.dot_oo);
-                    let exact = dot(&v, &w);
-                    let e = est.value as f64 - exact;
+                    let f = row_factors(crate::Metric::InnerProduct, &v, &pc, &code);
+                    rows.push((dot(&px, &pq), f, code));
+                }
+                let refs: Vec<&[u64]> = rows.iter().map(|r| &r.2.bits[..]).collect();
+                let packed = rsclip_core::fastscan::pack_block(&refs, d);
+                let mut sums = [0u32; 32];
+                qq.level_sums_packed(&packed, &mut sums);
+                for (i, (exact, f, code)) in rows.iter().enumerate() {
+                    assert_eq!(sums[i], qq.level_sum(&code_bytes(code)));
+                    let est = cq + f.k0 + f.f1 * qq.level_term(sums[i]) + qq.lo() * f.h;
+                    let bound = f.e1 * qq.eps_for(w_norm) + f.f1 * (qq.quant_err() + 1e-5 * w_norm);
+                    let e = est as f64 - exact;
                     sum_err += e;
                     sum_abs += e.abs();
                     n += 1;
-                    if e.abs() <= est.error as f64 {
+                    if e.abs() <= bound as f64 {
                         ok += 1;
                     }
                 }

@@ -29,11 +29,14 @@
 use crate::common::{
     centroid_distance, check_block, prepare, read_meta, walk_centroids, ChainWalk,
 };
-use crate::format::{tuple_tid, ListTuple, Meta, RefineTuple, META_BLOCK, PAGE_LIST, PAGE_REFINE};
+use crate::format::{
+    tuple_tid, BlockFactors, CodeBlock, Meta, RefineTuple, META_BLOCK, PAGE_LIST, PAGE_REFINE,
+};
 use crate::page::{PageRead, Relation};
 use crate::rabitq::{refine_estimate, QueryQuant, Rotation};
 use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK};
 use rsclip_core::distance::dot;
+use rsclip_core::fastscan;
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -117,6 +120,8 @@ pub struct Centroids {
     data: Vec<f32>,
     /// Head page of each list.
     heads: Vec<BlockNumber>,
+    /// `|c|²` of each (rotated) centroid.
+    norms2: Vec<f32>,
 }
 
 impl Centroids {
@@ -138,11 +143,13 @@ impl Centroids {
             },
         )?;
         let rot = Rotation::new(d, meta.seed, meta.rounds);
+        let norms2 = data.chunks_exact(d.max(1)).map(|c| dot(c, c)).collect();
         Ok(Centroids {
             meta,
             rot,
             data,
             heads,
+            norms2,
         })
     }
 
@@ -153,7 +160,7 @@ impl Centroids {
 
     /// Heap bytes held (for callers that bound a cache).
     pub fn memory_bytes(&self) -> usize {
-        self.data.len() * 4 + self.heads.len() * 4 + std::mem::size_of::<Self>()
+        self.data.len() * 4 + self.heads.len() * 8 + std::mem::size_of::<Self>()
     }
 
     fn centroid(&self, list: u32) -> &[f32] {
@@ -167,6 +174,11 @@ pub struct Scan {
     meta: Meta,
     /// Rotated (and for cosine normalized) query; empty when the scan returns nothing.
     query: Vec<f32>,
+    /// The query quantized once for every probed list (`None` when the scan returns nothing).
+    quant: Option<QueryQuant>,
+    /// The [`REFINE_TOP`] smallest 1-bit upper bounds seen (a max-heap): a tuple whose lower
+    /// bound exceeds the largest is deferred as soon as it is estimated.
+    upper_top: BinaryHeap<OrdF32>,
     order: Vec<ListRef>,
     /// Index in `order` of the first list not probed yet.
     next_list: usize,
@@ -238,6 +250,8 @@ impl Scan {
         let mut scan = Scan {
             meta,
             query: Vec::new(),
+            quant: None,
+            upper_top: BinaryHeap::with_capacity(REFINE_TOP + 1),
             order: Vec::with_capacity(nlists),
             next_list: 0,
             probes,
@@ -277,6 +291,7 @@ impl Scan {
             scan.order.select_nth_unstable_by(limit, list_order);
             scan.order.truncate(limit);
         }
+        scan.quant = Some(QueryQuant::new(&q));
         scan.query = q;
         Ok(scan)
     }
@@ -352,6 +367,10 @@ impl Scan {
         }
         rest[..end - self.next_list].sort_unstable_by(list_order);
         let batch: Vec<ListRef> = self.order[self.next_list..end].to_vec();
+        // Most estimated rows end in `deferred`: grow it once, not by doubling.
+        let per_list = self.meta.build_tuples / self.meta.nlists.max(1) as u64;
+        self.deferred
+            .reserve((per_list as usize + 32) * batch.len());
         self.next_list = end;
         let centroids = Arc::clone(&self.centroids);
         self.pending.clear();
@@ -363,15 +382,25 @@ impl Scan {
         Ok(true)
     }
 
-    /// First pass over one list: bounds every code tuple from its 1-bit code into `pending`.
+    /// First pass over one list: bounds every row from its 1-bit code, a block at a time, into
+    /// `pending` (or straight into `deferred` when it cannot be among the first [`REFINE_TOP`]).
     fn estimate_list<R: Relation>(&mut self, rel: &R, r: &ListRef, c: &[f32]) -> Result<()> {
         let d = self.meta.padded_dims as usize;
-        let w: Vec<f32> = self.query.iter().zip(c).map(|(q, c)| q - c).collect();
-        let qq = QueryQuant::new(&w);
-        let w_norm = qq.norm();
-        let w_sum: f32 = w.iter().sum();
-        let cq = dot(c, &self.query);
         let metric = self.meta.metric;
+        let qq = self
+            .quant
+            .take()
+            .expect("a scan with a query has its quantization");
+        let cq = dot(c, &self.query);
+        let w_norm2 = match metric {
+            Metric::L2 => r.dist,
+            _ => {
+                (qq.norm() * qq.norm() + self.centroids.norms2[r.list as usize] - 2.0 * cq).max(0.0)
+            }
+        };
+        let w_norm = w_norm2.sqrt();
+        let w: Vec<f32> = self.query.iter().zip(c).map(|(q, c)| q - c).collect();
+        let w_sum: f32 = w.iter().sum();
         let lq = self.list_queries.len() as u32;
         self.list_queries.push(ListQuery {
             w,
@@ -380,49 +409,114 @@ impl Scan {
             cq,
         });
         self.stats.lists_probed += 1;
+        let (eps, qerr, lo) = (qq.eps_for(w_norm), qq.quant_err() + 1e-5 * w_norm, qq.lo());
+        let mut sums = [0u32; fastscan::BLOCK];
+        let mut factors: BlockFactors = [[0f32; fastscan::BLOCK]; 4];
+        let (mut lower, mut upper) = ([0f32; fastscan::BLOCK], [0f32; fastscan::BLOCK]);
         let mut blk = r.head;
         let mut from = r.head;
         let mut walk = ChainWalk::with_size(r.head, self.nblocks);
-        while blk != INVALID_BLOCK {
-            walk.step(rel, blk, from)?;
-            // Estimated in place under the share lock (no callback runs here): copying the
-            // page first cost a fifth of the scan.
-            let page = rel.read(blk);
-            let opaque = page.opaque();
-            self.stats.pages_read += 1;
-            if opaque.flags != PAGE_LIST {
-                return Err(Error::corrupt(
-                    blk,
-                    format!("expected a list page, flags are {:#x}", opaque.flags),
-                ));
+        let result = (|| -> Result<()> {
+            while blk != INVALID_BLOCK {
+                walk.step(rel, blk, from)?;
+                // Estimated in place under the share lock (no callback runs here).
+                let page = rel.read(blk);
+                let opaque = page.opaque();
+                self.stats.pages_read += 1;
+                if opaque.flags != PAGE_LIST {
+                    return Err(Error::corrupt(
+                        blk,
+                        format!("expected a list page, flags are {:#x}", opaque.flags),
+                    ));
+                }
+                for off in 1..=page.max_offset() {
+                    let Some(b) = page.item(off) else { continue };
+                    let cb = CodeBlock::decode_into(b, d, &mut factors)
+                        .map_err(|e| Error::corrupt(blk, format!("item {off}: {}", e.0)))?;
+                    let n = cb.len();
+                    if cb.packed() {
+                        qq.level_sums_packed(cb.codes(), &mut sums);
+                    } else {
+                        sums[0] = qq.level_sum(cb.codes());
+                    }
+                    let [k0, f1, h, e1] = &factors;
+                    // Straight-line arithmetic over the 32 slots (vectorized); unused slots
+                    // are computed and ignored.
+                    for i in 0..fastscan::BLOCK {
+                        let t = f1[i] * qq.level_term(sums[i]) + lo * h[i];
+                        let err = e1[i] * eps + f1[i] * qerr;
+                        let (l, u) = match metric {
+                            Metric::InnerProduct => {
+                                let ip = cq + k0[i] + t;
+                                (-(ip + err), -(ip - err))
+                            }
+                            Metric::Cosine => {
+                                let ip = cq + k0[i] + t;
+                                (1.0 - (ip + err), 1.0 - (ip - err))
+                            }
+                            Metric::L2 => {
+                                let d2 = k0[i] + w_norm2 - 2.0 * t;
+                                (
+                                    (d2 - 2.0 * err).max(0.0).sqrt(),
+                                    (d2 + 2.0 * err).max(0.0).sqrt(),
+                                )
+                            }
+                        };
+                        lower[i] = l;
+                        upper[i] = u;
+                    }
+                    self.stats.tuples_estimated += n as u64;
+                    let thr = if self.upper_top.len() >= REFINE_TOP {
+                        self.upper_top.peek().map_or(f32::INFINITY, |u| u.0)
+                    } else {
+                        f32::INFINITY
+                    };
+                    let min_lower = lower[..n].iter().fold(f32::INFINITY, |m, &l| m.min(l));
+                    if min_lower > thr {
+                        // The whole block waits (most blocks of the farther lists).
+                        self.deferred_min = self.deferred_min.min(min_lower);
+                        self.deferred.extend((0..n).map(|i| Keyed {
+                            key: lower[i],
+                            tid: cb.tid(i),
+                        }));
+                        continue;
+                    }
+                    for i in 0..n {
+                        let thr = if self.upper_top.len() >= REFINE_TOP {
+                            self.upper_top.peek().map_or(f32::INFINITY, |u| u.0)
+                        } else {
+                            f32::INFINITY
+                        };
+                        if lower[i] > thr {
+                            self.defer(lower[i], cb.tid(i));
+                            continue;
+                        }
+                        if upper[i] < thr {
+                            self.upper_top.push(OrdF32(upper[i]));
+                            if self.upper_top.len() > REFINE_TOP {
+                                self.upper_top.pop();
+                            }
+                        }
+                        let (refine_block, refine_offset) = cb.refine(i);
+                        self.pending.push(Pending {
+                            lower: lower[i],
+                            upper: upper[i],
+                            tid: cb.tid(i),
+                            refine_block,
+                            refine_offset,
+                            list_query: lq,
+                        });
+                    }
+                }
+                drop(page);
+                from = blk;
+                blk = opaque.next;
             }
-            for off in 1..=page.max_offset() {
-                let Some(b) = page.item(off) else { continue };
-                let t = ListTuple::decode(b, d)
-                    .map_err(|e| Error::corrupt(blk, format!("item {off}: {}", e.0)))?;
-                let est = qq.estimate(t.code, t.norm, t.dot_oo);
-                let (_, lower) =
-                    estimate_distance(metric, est.value, est.error, t.norm, t.rc, w_norm, cq);
-                let (_, upper) =
-                    estimate_distance(metric, est.value, -est.error, t.norm, t.rc, w_norm, cq);
-                self.stats.tuples_estimated += 1;
-                self.pending.push(Pending {
-                    lower,
-                    upper,
-                    tid: t.tid,
-                    refine_block: t.refine_block,
-                    refine_offset: t.refine_offset,
-                    list_query: lq,
-                    norm: t.norm,
-                    rc: t.rc,
-                });
-            }
-            drop(page);
-            from = blk;
-            blk = opaque.next;
-        }
+            Ok(())
+        })();
+        self.quant = Some(qq);
         self.nblocks = walk.nblocks();
-        Ok(())
+        result
     }
 
     /// The [`REFINE_TOP`]-th smallest upper bound known (refined ones), infinity before.
@@ -536,14 +630,14 @@ impl Scan {
                     let fine =
                         refine_estimate(rt.lo, rt.delta, rt.codes, &lq.w, lq.w_sum, lq.w_norm);
                     let (_, fine_lower) = estimate_distance(
-                        metric, fine.value, fine.error, m.norm, m.rc, lq.w_norm, lq.cq,
+                        metric, fine.value, fine.error, rt.norm, rt.rc, lq.w_norm, lq.cq,
                     );
                     let (_, fine_upper) = estimate_distance(
                         metric,
                         fine.value,
                         -fine.error,
-                        m.norm,
-                        m.rc,
+                        rt.norm,
+                        rt.rc,
                         lq.w_norm,
                         lq.cq,
                     );
@@ -593,8 +687,6 @@ struct Pending {
     refine_block: BlockNumber,
     refine_offset: u16,
     list_query: u32,
-    norm: f32,
-    rc: f32,
 }
 
 /// Refinements ordered by lower bound are done this many at a time, grouped by page.

@@ -12,7 +12,9 @@
 //! twice (once per chain); callers' callbacks are pure lookups.
 
 use crate::common::{read_meta, walk_centroids, ChainWalk, PageCopy};
-use crate::format::{list_tuple_tid, refine_tuple_tid, FormatError, PAGE_LIST, PAGE_REFINE};
+use crate::format::{
+    encode_block, refine_tuple_tid, CodeBlock, FormatError, RowCode, PAGE_LIST, PAGE_REFINE,
+};
 use crate::page::{PageRead, PageWrite, Relation};
 use crate::{Error, Result, Tid, INVALID_BLOCK};
 use std::collections::HashSet;
@@ -54,15 +56,7 @@ pub fn bulk_delete<R: Relation>(
         let refine_head = meta
             .refine_head(head)
             .ok_or_else(|| Error::corrupt(head, "centroid names a block that is no list head"))?;
-        let code = clean_chain(
-            rel,
-            head,
-            PAGE_LIST,
-            &|b| list_tuple_tid(b, d),
-            is_dead,
-            &mut page,
-            &mut dead,
-        )?;
+        let code = clean_code_chain(rel, head, d, is_dead, &mut page)?;
         stats.pages_visited += code.pages_visited;
         stats.pages_modified += code.pages_modified;
         stats.tuples_removed += code.tuples_removed;
@@ -78,6 +72,88 @@ pub fn bulk_delete<R: Relation>(
         )?;
         stats.pages_visited += refine.pages_visited;
         stats.pages_modified += refine.pages_modified;
+    }
+    Ok(stats)
+}
+
+/// Removes the rows of dead heap tuples from one code chain: a block that keeps some rows is
+/// rewritten in place (same size, order kept), one that keeps none is deleted.
+fn clean_code_chain<R: Relation>(
+    rel: &R,
+    head: crate::BlockNumber,
+    d: usize,
+    is_dead: &mut dyn FnMut(Tid) -> bool,
+    page: &mut PageCopy,
+) -> Result<DeleteStats> {
+    let mut stats = DeleteStats::default();
+    let mut blk = head;
+    let mut from = head;
+    let mut walk = ChainWalk::new(rel, head);
+    let mut dead = HashSet::new();
+    while blk != INVALID_BLOCK {
+        walk.step(rel, blk, from)?;
+        page.load(rel, blk);
+        stats.pages_visited += 1;
+        if page.opaque().flags != PAGE_LIST {
+            return Err(Error::corrupt(
+                blk,
+                format!("expected a list page, flags are {:#x}", page.opaque().flags),
+            ));
+        }
+        dead.clear();
+        let mut live = 0;
+        for i in 0..page.len() {
+            let Some(b) = page.item(i) else { continue };
+            let cb = CodeBlock::decode(b, d)
+                .map_err(|e| Error::corrupt(blk, format!("item {}: {}", i + 1, e.0)))?;
+            for r in 0..cb.len() {
+                let tid = cb.tid(r);
+                if is_dead(tid) {
+                    dead.insert(tid);
+                } else {
+                    live += 1;
+                }
+            }
+        }
+        let mut next = page.opaque().next;
+        if !dead.is_empty() {
+            let mut w = rel.write(blk);
+            if w.opaque().flags != PAGE_LIST {
+                return Err(Error::corrupt(blk, "page changed type under vacuum"));
+            }
+            let (mut empty, mut removed) = (Vec::new(), 0u64);
+            for off in 1..=w.max_offset() {
+                let Some(b) = w.item_mut(off) else { continue };
+                let (kept, n): (Vec<RowCode>, usize) = {
+                    let cb = CodeBlock::decode(b, d).map_err(|e| Error::corrupt(blk, e.0))?;
+                    let kept = (0..cb.len())
+                        .filter(|&r| !dead.contains(&cb.tid(r)))
+                        .map(|r| cb.row(r))
+                        .collect();
+                    (kept, cb.len())
+                };
+                if kept.len() == n {
+                    continue;
+                }
+                removed += (n - kept.len()) as u64;
+                if kept.is_empty() {
+                    empty.push(off);
+                } else {
+                    b.copy_from_slice(&encode_block(&kept, d));
+                }
+            }
+            if !empty.is_empty() {
+                w.delete_items(&empty);
+            }
+            if removed > 0 {
+                stats.pages_modified += 1;
+                stats.tuples_removed += removed;
+            }
+            next = w.opaque().next;
+        }
+        stats.tuples_remaining += live;
+        from = blk;
+        blk = next;
     }
     Ok(stats)
 }

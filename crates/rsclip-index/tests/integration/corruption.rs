@@ -1,7 +1,7 @@
 //! Corrupt pages must give errors, never panics.
 
 use super::common::*;
-use rsclip_index::format::{LIST_TUPLE_HEADER, PAGE_LIST};
+use rsclip_index::format::{BLOCK_HEADER, PAGE_LIST};
 use rsclip_index::page::memory::MemoryRelation;
 use rsclip_index::page::{Opaque, PageRead, PageWrite, Relation};
 use rsclip_index::rng::Rng;
@@ -59,8 +59,8 @@ fn first_list_page(rel: &MemoryRelation) -> u32 {
 fn corrupt_item_is_detected() {
     let (rel, data) = base();
     let blk = first_list_page(&rel);
-    // <ō, o> above 1: no code can have it
-    rel.write(blk).item_mut(1).unwrap()[12..16].copy_from_slice(&2.0f32.to_le_bytes());
+    // more rows than a block holds
+    rel.write(blk).item_mut(1).unwrap()[0..2].copy_from_slice(&999u16.to_le_bytes());
     assert_corrupt(&check(&rel));
     let errs = all_ops(&rel, &data);
     assert_corrupt(&errs[1]); // the scan visits every list
@@ -72,9 +72,7 @@ fn corrupt_item_is_detected() {
 fn wrong_length_item_is_detected() {
     let (rel, data) = base();
     let blk = list_page_with_room(&rel);
-    rel.write(blk)
-        .add_item(&[1u8; LIST_TUPLE_HEADER + 3])
-        .unwrap();
+    rel.write(blk).add_item(&[1u8; BLOCK_HEADER + 3]).unwrap();
     for r in all_ops(&rel, &data).iter().take(3) {
         assert_corrupt(r);
     }
