@@ -117,6 +117,12 @@ pg_function! {
                     format!("first missing heap TIDs: {}", examples.join(", ")),
                 );
             }
+            // Imbalance: the largest list against the mean. Inserts from a new distribution pile
+            // into the few lists nearest to it; scans that probe them then read long chains.
+            let total: u64 = report.list_sizes.iter().sum();
+            let largest = report.list_sizes.iter().copied().max().unwrap_or(0);
+            let mean = total as f64 / report.list_sizes.len().max(1) as f64;
+            let imbalance = if total == 0 { 1.0 } else { largest as f64 / mean };
             let summary = serde_json::json!({
                 "index": super::relation_name(index),
                 "dims": report.dims,
@@ -131,6 +137,9 @@ pg_function! {
                 "orphan_pages": report.orphan_pages,
                 "empty_lists": report.empty_lists,
                 "longest_chain": report.longest_chain,
+                "largest_list_rows": largest,
+                "mean_list_rows": (mean * 10.0).round() / 10.0,
+                "list_imbalance": (imbalance * 100.0).round() / 100.0,
                 "index_tuples": report.tids.len(),
                 "heap_rows_checked": state.checked,
             });

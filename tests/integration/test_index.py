@@ -78,6 +78,37 @@ def test_recall_after_build_inserts_vacuum_and_duplicates(conn, dims):
     check(conn, f"{table}_ip")
 
 
+def test_check_reports_refinements_and_list_imbalance(conn):
+    """rsclip_index_check counts refinement pages and tuples, and reports how unbalanced the
+    lists are; inserts from a new distribution (here: one far-off cluster) pile into the lists
+    nearest to it, and the report shows it."""
+    dims, n = 128, 8000
+    rng = np.random.default_rng(77)
+    base = gaussian_mixture(n, dims, clusters=40, seed=77)
+    conn.execute(f"CREATE TABLE drift (id int PRIMARY KEY, emb embedding({dims}))")
+    copy_rows(conn, "drift", np.arange(1, n + 1), base)
+    conn.execute("CREATE INDEX drift_ip ON drift USING rsclip (emb embedding_ip_ops)")
+    before = check(conn, "drift_ip")
+    assert before["index_tuples"] == n
+    assert before["refine_pages"] > 0
+    assert before["missing_refinements"] == 0 and before["unreferenced_refinements"] == 0
+    assert before["mean_list_rows"] == pytest.approx(n / before["lists"], rel=0.01)
+    assert 1.0 <= before["list_imbalance"] < 4.0, before
+    centre = rng.standard_normal(dims).astype(np.float32)
+    shifted = centre + 0.05 * rng.standard_normal((4000, dims)).astype(np.float32)
+    shifted /= np.linalg.norm(shifted, axis=1, keepdims=True)
+    copy_rows(conn, "drift", np.arange(n + 1, n + 4001), shifted)
+    after = check(conn, "drift_ip")
+    print("imbalance before", before["list_imbalance"], "after", after["list_imbalance"], after["largest_list_rows"])
+    assert after["index_tuples"] == n + 4000
+    assert after["missing_refinements"] == 0
+    assert after["largest_list_rows"] >= before["largest_list_rows"] + 1000, (before, after)
+    assert after["list_imbalance"] > 2 * before["list_imbalance"], (before, after)
+    # Search still finds the shifted rows exactly (the lists are long, not wrong).
+    r = mean_recall(conn, "drift", "<#>", shifted[:20])
+    assert r >= 0.95, r
+
+
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_recall_other_metrics(conn, metric):
     ops, op = OPS[metric]

@@ -367,10 +367,11 @@ impl Scan {
         }
         rest[..end - self.next_list].sort_unstable_by(list_order);
         let batch: Vec<ListRef> = self.order[self.next_list..end].to_vec();
-        // Most estimated rows end in `deferred`: grow it once, not by doubling.
-        let per_list = self.meta.build_tuples / self.meta.nlists.max(1) as u64;
+        // Most estimated rows end in `deferred`: grow it once, not by doubling. The meta page's
+        // count is only a hint (it may be stale or damaged): capped.
+        let per_list = (self.meta.build_tuples / self.meta.nlists.max(1) as u64).min(1 << 12);
         self.deferred
-            .reserve((per_list as usize + 32) * batch.len());
+            .reserve(((per_list as usize + 32) * batch.len()).min(1 << 20));
         self.next_list = end;
         let centroids = Arc::clone(&self.centroids);
         self.pending.clear();
