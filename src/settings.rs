@@ -135,7 +135,7 @@ pub fn register() {
     );
     GucRegistry::define_int_guc(
         c"rsclip.probes",
-        c"Lists an rsclip index scan probes first (0 = ceil(1.5 * sqrt(lists)) + 1).",
+        c"Lists an rsclip index scan probes first (0 = ceil(1.7 * sqrt(lists)) + 1).",
         c"More probes: higher recall, slower queries.",
         &PROBES,
         0,

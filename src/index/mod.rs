@@ -151,7 +151,7 @@ pub fn item_pointer(tid: Tid) -> pg_sys::ItemPointerData {
     }
 }
 
-/// Lists a scan probes first: `rsclip.probes`, or `ceil(1.5 * sqrt(lists)) + 1` when it is 0.
+/// Lists a scan probes first: `rsclip.probes`, or `ceil(1.7 * sqrt(lists)) + 1` when it is 0.
 pub fn effective_probes(lists: u32) -> u32 {
     match crate::settings::PROBES.get() {
         0 => rsclip_index::default_probes(lists),

@@ -49,7 +49,7 @@
 //!
 //! Defaults: [`default_lists`]`(rows)` = rows/300 up to 1M rows, sqrt(rows)·10/3 beyond (≥ 1);
 //! [`sample_size`]`(lists)` = max(50 × lists, 10 000); [`default_probes`]`(lists)` =
-//! ceil(1.5 · sqrt(lists)) + 1.
+//! ceil(1.7 · sqrt(lists)) + 1.
 //!
 //! ## Rules every operation follows (the Postgres glue relies on them)
 //!
