@@ -16,6 +16,7 @@ mod index;
 mod io;
 mod model;
 mod operators;
+mod planner;
 mod settings;
 
 pgrx::extension_sql_file!(
@@ -55,12 +56,14 @@ pgrx::extension_sql_file!(
     requires = ["cache"]
 );
 
-/// Registers the settings. Nothing else happens at load time: ONNX Runtime starts threads, and
-/// threads do not survive the postmaster's fork, so models load lazily in each backend.
+/// Registers the settings and the planner hook (planner.rs). Nothing else happens at load time:
+/// ONNX Runtime starts threads, and threads do not survive the postmaster's fork, so models
+/// load lazily in each backend.
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::register();
     index::options::register();
+    planner::install();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -29,19 +29,35 @@ unsafe fn binary<R>(fcinfo: pg_sys::FunctionCallInfo, f: impl FnOnce(&[f32], &[f
     }
 }
 
+/// The inner product of two finite vectors, which can still overflow `f32`: that raises, as
+/// Postgres's own `float4` arithmetic does. It also keeps NaN (+inf plus -inf) out of the
+/// results, so `rsclip_score DESC` and `<#>` ascending order every row the same way, which the
+/// planner's rewrite of one into the other relies on.
+fn finite_dot(a: &[f32], b: &[f32]) -> f64 {
+    let dot = distance::dot(a, b);
+    if !dot.is_finite() {
+        crate::fmgr::error(
+            PgSqlErrorCode::ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+            "value out of range: the inner product of the embeddings overflows",
+        );
+    }
+    dot as f64
+}
+
 pg_function! {
     /// `a <#> b`: negative inner product, so that `ORDER BY` ascending ranks the best first.
     fn embedding_negative_inner_product(fcinfo) {
         // SAFETY: declared STRICT with two embedding arguments.
-        float8_datum(-(unsafe { binary(fcinfo, distance::dot) } as f64))
+        float8_datum(-unsafe { binary(fcinfo, finite_dot) })
     }
 }
 
 pg_function! {
-    /// `rsclip_score(a, b)`: inner product (cosine similarity for unit vectors).
+    /// `rsclip_score(a, b)`: inner product (cosine similarity for unit vectors). Its descending
+    /// order is exactly `<#>`'s ascending one (see planner.rs).
     fn rsclip_score(fcinfo) {
         // SAFETY: declared STRICT with two embedding arguments.
-        float8_datum(unsafe { binary(fcinfo, distance::dot) } as f64)
+        float8_datum(unsafe { binary(fcinfo, finite_dot) })
     }
 }
 

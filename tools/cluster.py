@@ -36,6 +36,11 @@ def as_pg_user(cmd, **kw):
     return subprocess.run(cmd, cwd="/", **kw)
 
 
+def preload_line(conf_text: str) -> str:
+    """The shared_preload_libraries line of an rsclip.conf: a change needs a restart."""
+    return next((l for l in conf_text.splitlines() if l.startswith("shared_preload_libraries")), "")
+
+
 class Cluster:
     def __init__(self, major: str, name: str, port: int):
         self.major, self.name, self.port = major, name, port
@@ -78,6 +83,9 @@ class Cluster:
             "unix_socket_directories": "''",
             "shared_buffers": "'512MB'",
             "max_wal_size": "'4GB'",
+            # The planner hook that lets ORDER BY rsclip_score(...) DESC use the index must be in
+            # place from a backend's first query (README: "Query forms").
+            "shared_preload_libraries": "'rsclip'",
             "rsclip.model_path": f"'{LOCAL / 'models' / 'tiny-siglip'}'",
             "rsclip.onnxruntime_library": f"'{os.environ['RSCLIP_ONNXRUNTIME_LIBRARY']}'",
         }
@@ -85,19 +93,23 @@ class Cluster:
             k, _, v = item.partition("=")
             conf[k.strip()] = v.strip()
         text = "# written by tools/cluster.py\n" + "".join(f"{k} = {v}\n" for k, v in conf.items())
+        old = as_pg_user(["cat", f"{self.data}/rsclip.conf"], capture_output=True, text=True).stdout
         as_pg_user(["sh", "-c", f"cat > '{self.data}/rsclip.conf'"], input=text.encode(), check=True)
         include = "include_if_exists 'rsclip.conf'"
         conf_file = self.data / "postgresql.conf"
         has = as_pg_user(["grep", "-qxF", include, str(conf_file)]).returncode == 0
         if not has:
             as_pg_user(["sh", "-c", f"echo \"{include}\" >> '{conf_file}'"], check=True)
+        return preload_line(old) != preload_line(text)
 
     def start(self, settings):
         if not self.initialized():
             self.init(settings)
-        self.configure(settings)
+        needs_restart = self.configure(settings)
         if self.running():
-            as_pg_user([str(self.bin / "pg_ctl"), "-D", str(self.data), "reload"], check=True, capture_output=True)
+            action = "restart" if needs_restart else "reload"
+            extra = ["-w", "-l", str(self.log)] if needs_restart else []
+            as_pg_user([str(self.bin / "pg_ctl"), "-D", str(self.data), *extra, action], check=True, capture_output=True)
             return
         # A port still held by a socket that is going away (or taken a moment by another
         # program) makes the start fail; try again a few times before giving up.
