@@ -63,6 +63,9 @@ BEGIN
         RAISE EXCEPTION 'rsclip_cache_prune: max_rows must not be negative, not %', max_rows
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- Encoders skip their cache writes while this runs instead of waiting on rows it deletes
+    -- (they lock the table conditionally, in a mode this one conflicts with); lookups go on.
+    LOCK TABLE @extschema@.rsclip_cache IN SHARE ROW EXCLUSIVE MODE;
     IF older_than IS NOT NULL THEN
         DELETE FROM @extschema@.rsclip_cache WHERE last_used < now() - older_than;
         GET DIAGNOSTICS n = ROW_COUNT;

@@ -2,19 +2,31 @@
 //!
 //! An encoder call computes each input's key (model fingerprint, kind, sha256 of the input) and
 //! takes what it can from the LRU, then the rest from the table in one query; only what is still
-//! missing is encoded, in one inference run, and the new results go into the LRU and the table
-//! (`ON CONFLICT DO NOTHING`).
+//! missing is encoded, in one inference run, and the new results go into the LRU and the table.
 //!
 //! Who may write: ordinary roles have no privileges on the table; the lookups and inserts run as
 //! the table's owner (a local user-id switch with `SECURITY_RESTRICTED_OPERATION`, as Postgres
 //! does for maintenance commands), with every table, function and operator schema-qualified so
-//! the caller's search_path cannot redirect them. Writes are skipped, not failed, where they are
-//! impossible or harmful: read-only transactions, hot standbys, parallel mode, and serializable
-//! transactions (where shared cache rows would add serialization failures between unrelated
-//! transactions). Table hits bump `hits`/`last_used` on rows nobody else has locked
-//! (`SKIP LOCKED`), so a popular entry never makes backends wait for each other, and at most
-//! once a minute per row (the first hit at once): a backend counts further hits in memory and
-//! adds them with its next write to that row, so a hot entry is not rewritten on every lookup.
+//! the caller's search_path cannot redirect them.
+//!
+//! The cache never makes a caller fail or wait: a write that could conflict is skipped ("not
+//! cached this time"), never an ERROR, a lock wait or a deadlock.
+//! - Writes are skipped in read-only transactions, on hot standbys, in parallel mode and in
+//!   serializable transactions (shared cache rows would add serialization failures between
+//!   unrelated transactions).
+//! - The table and its key index are locked conditionally; a maintenance command holding them
+//!   (`rsclip_cache_prune`, VACUUM FULL, ...) means a miss or a skipped write.
+//! - An insert could wait on another transaction's uncommitted row of the same key, so each key
+//!   is first try-locked (an advisory lock of our own class, keys in sorted order, released
+//!   after the insert), then probed with a dirty snapshot, which sees uncommitted rows and rows
+//!   committed after our snapshot: a key with any such row is skipped. Inserting only keys that
+//!   have no row at all is what keeps `ON CONFLICT` from ever waiting, and from raising 40001
+//!   under REPEATABLE READ (a conflict with a row the snapshot cannot see).
+//! - Table hits bump `hits`/`last_used` only under READ COMMITTED (a row updated after a
+//!   REPEATABLE READ snapshot would raise 40001), only on rows nobody else has locked
+//!   (`SKIP LOCKED`), and at most once a minute per row (the first hit at once): a backend counts
+//!   further hits in memory and adds them with its next write to that row, so a hot entry is not
+//!   rewritten on every lookup.
 
 use crate::fmgr::error;
 use crate::settings;
@@ -112,6 +124,8 @@ thread_local! {
 #[derive(Clone, Copy)]
 struct Table {
     relid: pg_sys::Oid,
+    /// Its primary key index on (model, kind, input_sha256).
+    key_index: pg_sys::Oid,
     owner: pg_sys::Oid,
     embedding_array: pg_sys::Oid,
 }
@@ -133,7 +147,8 @@ fn find_table(namespace: pg_sys::Oid) -> Option<Table> {
     // before returning.
     unsafe {
         let relid = pg_sys::get_relname_relid(c"rsclip_cache".as_ptr(), namespace);
-        if relid == pg_sys::InvalidOid {
+        let key_index = pg_sys::get_relname_relid(c"rsclip_cache_pkey".as_ptr(), namespace);
+        if relid == pg_sys::InvalidOid || key_index == pg_sys::InvalidOid {
             return None;
         }
         let tuple = pg_sys::SearchSysCache1(
@@ -152,20 +167,161 @@ fn find_table(namespace: pg_sys::Oid) -> Option<Table> {
         }
         Some(Table {
             relid,
+            key_index,
             owner,
             embedding_array,
         })
     }
 }
 
-/// Whether this transaction may write the cache (see the module comment).
-fn writable() -> bool {
+/// What this transaction may write to the cache (see the module comment).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Writes {
+    Nothing,
+    /// New entries, but no hit counters (REPEATABLE READ).
+    Inserts,
+    /// New entries and hit counters (READ COMMITTED).
+    All,
+}
+
+fn writes_allowed() -> Writes {
     // SAFETY: plain reads of transaction-state globals.
     unsafe {
-        !pg_sys::XactReadOnly
-            && !pg_sys::IsInParallelMode()
-            && !pg_sys::RecoveryInProgress()
-            && pg_sys::XactIsoLevel != pg_sys::XACT_SERIALIZABLE as i32
+        if pg_sys::XactReadOnly
+            || pg_sys::IsInParallelMode()
+            || pg_sys::RecoveryInProgress()
+            || pg_sys::XactIsoLevel == pg_sys::XACT_SERIALIZABLE as i32
+        {
+            Writes::Nothing
+        } else if pg_sys::XactIsoLevel == pg_sys::XACT_REPEATABLE_READ as i32 {
+            Writes::Inserts
+        } else {
+            Writes::All
+        }
+    }
+}
+
+/// Locks `relid` in `mode` unless that would wait; the lock is then held to the end of the
+/// transaction, as the statements that follow would hold it anyway.
+fn try_lock_relation(relid: pg_sys::Oid, mode: u32) -> bool {
+    // SAFETY: a conditional heavyweight lock on an existing relation, in a transaction.
+    unsafe { pg_sys::ConditionalLockRelationOid(relid, mode as pg_sys::LOCKMODE) }
+}
+
+/// The advisory lock class of cache keys (`objsubid` in pg_locks; SQL's advisory locks use 1
+/// and 2, so ours never meet a user's).
+const KEY_LOCK_CLASS: u16 = 0x5243;
+/// Keys locked at once: bounds what a large array call takes of the shared lock table.
+const KEY_LOCK_BATCH: usize = 64;
+
+/// The lock tag of one key. 64 bits of the key suffice: two keys that share a tag only make
+/// one of them skip its write when both are written at the same moment.
+fn key_lock_tag(model: &[u8; 32], kind: Kind, input: &[u8; 32]) -> pg_sys::LOCKTAG {
+    let mut bits = [0u8; 8];
+    for (i, b) in bits.iter_mut().enumerate() {
+        *b = input[i] ^ model[i];
+    }
+    bits[0] ^= kind as u8;
+    // SAFETY: reads the backend's database OID, set before any SQL runs.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    pg_sys::LOCKTAG {
+        locktag_field1: database.to_u32(),
+        locktag_field2: u32::from_le_bytes(bits[0..4].try_into().expect("4 bytes")),
+        locktag_field3: u32::from_le_bytes(bits[4..8].try_into().expect("4 bytes")),
+        locktag_field4: KEY_LOCK_CLASS,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+    }
+}
+
+/// Takes the lock `tag` unless that would wait (or the lock table is full).
+fn try_lock_key(tag: &pg_sys::LOCKTAG) -> bool {
+    // SAFETY: a transaction-level lock of the user lock method; on ERROR, abort releases it.
+    let result = unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+        {
+            pg_sys::LockAcquireExtended(
+                tag,
+                pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
+                false,
+                true,
+                false,
+                std::ptr::null_mut(),
+            )
+        }
+        #[cfg(feature = "pg18")]
+        {
+            pg_sys::LockAcquireExtended(
+                tag,
+                pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
+                false,
+                true,
+                false,
+                std::ptr::null_mut(),
+                false,
+            )
+        }
+    };
+    result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
+
+fn unlock_key(tag: &pg_sys::LOCKTAG) {
+    // SAFETY: releases a transaction-level lock try_lock_key took.
+    unsafe { pg_sys::LockRelease(tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false) };
+}
+
+/// Probes the key index with a dirty snapshot: which of `inputs` have a row of any state other
+/// than dead (committed, committed after our snapshot, being inserted or being deleted).
+/// The caller holds RowExclusiveLock on both relations.
+fn keys_with_rows(table: &Table, model: &[u8; 32], kind: Kind, inputs: &[[u8; 32]]) -> Vec<bool> {
+    // SAFETY: the relations are locked by the caller; the scan, slot and relations are released
+    // before returning (on ERROR, abort releases them); the scan keys' datums live to the end.
+    unsafe {
+        let heap = pg_sys::table_open(table.relid, pg_sys::NoLock as pg_sys::LOCKMODE);
+        let index = pg_sys::index_open(table.key_index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        let mut dirty: pg_sys::SnapshotData = std::mem::zeroed();
+        dirty.snapshot_type = pg_sys::SnapshotType::SNAPSHOT_DIRTY;
+        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+        let scan = pg_sys::index_beginscan(heap, index, &mut dirty, 3, 0);
+        #[cfg(feature = "pg18")]
+        let scan = pg_sys::index_beginscan(heap, index, &mut dirty, std::ptr::null_mut(), 3, 0);
+        let slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
+        let collations = (*index).rd_indcollation;
+        let model_datum = crate::fmgr::bytea_datum(model);
+        let kind_datum = crate::fmgr::text_datum(kind.name());
+        let mut found = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let input_datum = crate::fmgr::bytea_datum(input);
+            let mut keys: [pg_sys::ScanKeyData; 3] = std::mem::zeroed();
+            let columns = [
+                (model_datum, pg_sys::F_BYTEAEQ),
+                (kind_datum, pg_sys::F_TEXTEQ),
+                (input_datum, pg_sys::F_BYTEAEQ),
+            ];
+            for (i, (datum, proc_)) in columns.into_iter().enumerate() {
+                pg_sys::ScanKeyEntryInitialize(
+                    &mut keys[i],
+                    0,
+                    (i + 1) as pg_sys::AttrNumber,
+                    pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                    pg_sys::InvalidOid,
+                    *collations.add(i),
+                    pg_sys::Oid::from(proc_),
+                    datum,
+                );
+            }
+            pg_sys::index_rescan(scan, keys.as_mut_ptr(), 3, std::ptr::null_mut(), 0);
+            found.push(pg_sys::index_getnext_slot(
+                scan,
+                pg_sys::ScanDirection::ForwardScanDirection,
+                slot,
+            ));
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::index_endscan(scan);
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+        found
     }
 }
 
@@ -359,6 +515,11 @@ fn table_lookup(
     inputs: &[[u8; 32]],
     touch_hits: bool,
 ) -> HashMap<[u8; 32], Box<[f32]>> {
+    if !try_lock_relation(table.relid, pg_sys::AccessShareLock)
+        || !try_lock_relation(table.key_index, pg_sys::AccessShareLock)
+    {
+        return HashMap::new();
+    }
     as_owner(table.owner, || {
         with_spi(|| {
             let (lookup, _, touch) = plans(state, table);
@@ -411,7 +572,11 @@ fn table_lookup(
                     state.pending_hits.insert(key, 1);
                 }
             }
-            if touch_hits && !due.is_empty() {
+            if touch_hits
+                && !due.is_empty()
+                && try_lock_relation(table.relid, pg_sys::RowExclusiveLock)
+                && try_lock_relation(table.key_index, pg_sys::RowExclusiveLock)
+            {
                 let counts: Vec<i64> = due
                     .iter()
                     .map(|input| state.pending_hits.remove(&key_of(input)).unwrap_or(1))
@@ -429,27 +594,64 @@ fn table_lookup(
     })
 }
 
+/// Inserts the rows whose keys have no row yet and are not being written by anyone else right
+/// now (see the module comment); returns how many were skipped.
 fn table_insert(
     state: &mut State,
     table: &Table,
     model: &[u8; 32],
     kind: Kind,
     rows: &[([u8; 32], &[f32])],
-) {
-    as_owner(table.owner, || {
-        with_spi(|| {
-            let (_, insert, _) = plans(state, table);
-            let hashes: Vec<[u8; 32]> = rows.iter().map(|r| r.0).collect();
-            let vectors: Vec<&[f32]> = rows.iter().map(|r| r.1).collect();
-            let mut args = [
-                crate::fmgr::bytea_datum(model),
-                crate::fmgr::text_datum(kind.name()),
-                bytea_array(&hashes),
-                embedding_array(table.embedding_array, &vectors),
-            ];
-            execute(insert, &mut args, false);
-        })
-    })
+) -> usize {
+    if !try_lock_relation(table.relid, pg_sys::RowExclusiveLock)
+        || !try_lock_relation(table.key_index, pg_sys::RowExclusiveLock)
+    {
+        return rows.len();
+    }
+    let mut sorted: Vec<&([u8; 32], &[f32])> = rows.iter().collect();
+    sorted.sort_by_key(|r| r.0);
+    let mut skipped = 0;
+    for batch in sorted.chunks(KEY_LOCK_BATCH) {
+        let mut locked = Vec::with_capacity(batch.len());
+        let mut candidates = Vec::with_capacity(batch.len());
+        for row in batch {
+            let tag = key_lock_tag(model, kind, &row.0);
+            if try_lock_key(&tag) {
+                locked.push(tag);
+                candidates.push(*row);
+            }
+        }
+        let inputs: Vec<[u8; 32]> = candidates.iter().map(|r| r.0).collect();
+        let present = keys_with_rows(table, model, kind, &inputs);
+        let new: Vec<&([u8; 32], &[f32])> = candidates
+            .iter()
+            .zip(&present)
+            .filter(|(_, present)| !**present)
+            .map(|(row, _)| *row)
+            .collect();
+        skipped += batch.len() - new.len();
+        if !new.is_empty() {
+            as_owner(table.owner, || {
+                with_spi(|| {
+                    let (_, insert, _) = plans(state, table);
+                    let hashes: Vec<[u8; 32]> = new.iter().map(|r| r.0).collect();
+                    let vectors: Vec<&[f32]> = new.iter().map(|r| r.1).collect();
+                    let mut args = [
+                        crate::fmgr::bytea_datum(model),
+                        crate::fmgr::text_datum(kind.name()),
+                        bytea_array(&hashes),
+                        embedding_array(table.embedding_array, &vectors),
+                    ];
+                    execute(insert, &mut args, false);
+                })
+            });
+        }
+        // Our new rows are in the index now: whoever locks these keys next sees them.
+        for tag in &locked {
+            unlock_key(tag);
+        }
+    }
+    skipped
 }
 
 /// The embeddings of the inputs whose keys are `keys` (all of one model and kind): from the
@@ -490,10 +692,11 @@ pub fn resolve(
         return out.into_iter().map(|v| v.expect("filled")).collect();
     }
     let table = find_table(namespace);
-    let can_write = writable();
+    let writes = writes_allowed();
     if let Some(table) = &table {
-        let found = STATE
-            .with_borrow_mut(|state| table_lookup(state, table, &model, kind, &order, can_write));
+        let touch = writes == Writes::All;
+        let found =
+            STATE.with_borrow_mut(|state| table_lookup(state, table, &model, kind, &order, touch));
         STATE.with_borrow_mut(|state| {
             for (input, v) in found {
                 if let Some(positions) = missing.remove(&input) {
@@ -518,12 +721,13 @@ pub fn resolve(
         .zip(&encoded)
         .map(|(h, v)| (*h, &v[..]))
         .collect();
-    match (&table, can_write) {
-        (Some(table), true) => {
+    let skipped = match (&table, writes) {
+        (Some(table), Writes::Inserts | Writes::All) => {
             STATE.with_borrow_mut(|state| table_insert(state, table, &model, kind, &rows))
         }
-        _ => STATE.with_borrow_mut(|state| state.counters.writes_skipped += rows.len() as u64),
-    }
+        _ => rows.len(),
+    };
+    STATE.with_borrow_mut(|state| state.counters.writes_skipped += skipped as u64);
     STATE.with_borrow_mut(|state| {
         state.counters.misses += order.len() as u64;
         for (input, v) in order.iter().zip(&encoded) {
