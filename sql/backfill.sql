@@ -67,8 +67,11 @@ CREATE VIEW rsclip_backfill_progress AS
     WHERE pg_catalog.has_table_privilege(s.tbl, 'SELECT');
 GRANT SELECT ON rsclip_backfill_progress TO PUBLIC;
 
--- Progress bookkeeping for the procedure (SECURITY DEFINER: the state table is private). It only
--- touches the calling backend's own state row.
+-- Progress bookkeeping for the procedure (SECURITY DEFINER: the state table is private).
+-- Callable by PUBLIC because rsclip_backfill runs with its caller's rights, and harmless by
+-- construction: it only touches the calling backend's own rows, and a backend holds at most one
+-- (a backend runs one backfill at a time, so starting one drops its others), so no role can
+-- grow the table beyond one row per connection; rows of backends that are gone are removed.
 CREATE FUNCTION rsclip_backfill_report(tbl oid, src name, dst name, kind text, batch_size int,
                                        rows_total bigint, rows_done bigint, rows_failed bigint, finished boolean)
     RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -80,6 +83,8 @@ BEGIN
         WHERE s.pid = pg_backend_pid() AND s.tbl = rsclip_backfill_report.tbl AND s.dst = rsclip_backfill_report.dst;
         RETURN;
     END IF;
+    DELETE FROM @extschema@.rsclip_backfill_state s
+    WHERE s.pid = pg_backend_pid() AND (s.tbl, s.dst) IS DISTINCT FROM (rsclip_backfill_report.tbl, rsclip_backfill_report.dst);
     INSERT INTO @extschema@.rsclip_backfill_state AS s
         (pid, backend_start, tbl, src, dst, kind, batch_size, started, updated, rows_total, rows_done, rows_failed)
     SELECT pg_backend_pid(), a.backend_start, rsclip_backfill_report.tbl, rsclip_backfill_report.src,
@@ -100,6 +105,10 @@ BEGIN
 END
 $$;
 
+-- Callable by PUBLIC (rsclip_backfill runs with its caller's rights) and harmless by
+-- construction: it encodes the inputs it is given, exactly as the public rsclip_encode_images /
+-- rsclip_encode_texts do, reads and writes no table, and its background work belongs to the
+-- calling backend only.
 CREATE FUNCTION rsclip_backfill_encode(inputs bytea[], kind text, prefetch bytea[],
                                        OUT embeddings embedding[], OUT errors text[])
     AS 'MODULE_PATHNAME', 'rsclip_backfill_encode' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
@@ -107,6 +116,7 @@ COMMENT ON FUNCTION rsclip_backfill_encode(bytea[], text, bytea[]) IS
     'one batch of rsclip_backfill: embeddings (NULL where an input failed) and error messages; prefetch (a later batch) is decoded and encoded in the background meanwhile; empty inputs and prefetch forget what was handed over';
 
 -- The rows of a claimed batch whose ctid is in kept, in their order (a relock dropped the others).
+-- A pure function of its arguments (IMMUTABLE, no table access): harmless for PUBLIC to call.
 CREATE FUNCTION rsclip_backfill_keep(ctids tid[], xmins xid[], inputs bytea[], keys jsonb[], kept tid[],
                                      OUT kept_ctids tid[], OUT kept_xmins xid[], OUT kept_inputs bytea[], OUT kept_keys jsonb[])
     LANGUAGE sql IMMUTABLE PARALLEL SAFE

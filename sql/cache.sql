@@ -25,6 +25,8 @@ REVOKE ALL ON rsclip_cache FROM PUBLIC;
 COMMENT ON TABLE rsclip_cache IS
     'rsclip encoder results shared by all backends (filled by rsclip_encode_*; see rsclip.cache)';
 
+-- Harmless for PUBLIC by construction: it returns the calling backend's own counters and reads
+-- no table (rsclip_cache_stats wraps it).
 CREATE FUNCTION rsclip_cache_backend_stats() RETURNS jsonb
     AS 'MODULE_PATHNAME', 'rsclip_cache_backend_stats' LANGUAGE C VOLATILE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION rsclip_cache_backend_stats() IS

@@ -94,11 +94,16 @@ struct Counters {
 }
 
 /// Prepared statements on one cache table, kept for the backend's lifetime.
+#[derive(Clone, Copy)]
 struct Plans {
     relid: pg_sys::Oid,
     lookup: pg_sys::SPIPlanPtr,
     insert: pg_sys::SPIPlanPtr,
     touch: pg_sys::SPIPlanPtr,
+    /// The table's live rows as the statistics see them, plus this transaction's changes.
+    count: pg_sys::SPIPlanPtr,
+    /// Deletes up to $2 of the least recently used rows of a $1 % sample of the table's pages.
+    evict: pg_sys::SPIPlanPtr,
 }
 
 #[derive(Default)]
@@ -393,21 +398,18 @@ fn prepare(sql: &str, types: &[pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
 }
 
 /// The kept plans for `table`, prepared on first use (inside with_spi).
-fn plans(
-    state: &mut State,
-    table: &Table,
-) -> (pg_sys::SPIPlanPtr, pg_sys::SPIPlanPtr, pg_sys::SPIPlanPtr) {
+fn plans(state: &mut State, table: &Table) -> Plans {
     if let Some(p) = &state.plans {
         if p.relid == table.relid {
-            return (p.lookup, p.insert, p.touch);
+            return *p;
         }
     }
     if let Some(old) = state.plans.take() {
         // SAFETY: plans we kept; nothing else refers to them.
         unsafe {
-            pg_sys::SPI_freeplan(old.lookup);
-            pg_sys::SPI_freeplan(old.insert);
-            pg_sys::SPI_freeplan(old.touch);
+            for plan in [old.lookup, old.insert, old.touch, old.count, old.evict] {
+                pg_sys::SPI_freeplan(plan);
+            }
         }
     }
     // SAFETY: catalog lookups of an existing relation; the names are quoted by Postgres.
@@ -455,13 +457,32 @@ fn plans(
         ),
         &[bytea, text, bytea_array, int8_array],
     );
-    state.plans = Some(Plans {
+    let count = prepare(
+        "SELECT pg_catalog.pg_stat_get_live_tuples($1) \
+                OPERATOR(pg_catalog.+) pg_catalog.pg_stat_get_xact_tuples_inserted($1) \
+                OPERATOR(pg_catalog.-) pg_catalog.pg_stat_get_xact_tuples_deleted($1)",
+        &[pg_sys::OIDOID],
+    );
+    // Sampled LRU (as Redis approximates it): no index on last_used, which would make every
+    // hit-counter update a non-HOT one. SKIP LOCKED: never waits on a row someone holds.
+    let evict = prepare(
+        &format!(
+            "DELETE FROM {name} WHERE ctid {eq} ANY (ARRAY( \
+                 SELECT s.ctid FROM {name} AS s TABLESAMPLE SYSTEM ($1) \
+                 ORDER BY s.last_used LIMIT $2 FOR UPDATE OF s SKIP LOCKED))"
+        ),
+        &[pg_sys::FLOAT4OID, pg_sys::INT8OID],
+    );
+    let plans = Plans {
         relid: table.relid,
         lookup,
         insert,
         touch,
-    });
-    (lookup, insert, touch)
+        count,
+        evict,
+    };
+    state.plans = Some(plans);
+    plans
 }
 
 fn bytea_array(items: &[[u8; 32]]) -> pg_sys::Datum {
@@ -522,7 +543,7 @@ fn table_lookup(
     }
     as_owner(table.owner, || {
         with_spi(|| {
-            let (lookup, _, touch) = plans(state, table);
+            let Plans { lookup, touch, .. } = plans(state, table);
             let mut args = [
                 crate::fmgr::bytea_datum(model),
                 crate::fmgr::text_datum(kind.name()),
@@ -602,9 +623,11 @@ fn table_insert(
     model: &[u8; 32],
     kind: Kind,
     rows: &[([u8; 32], &[f32])],
+    writes: Writes,
 ) -> usize {
     if !try_lock_relation(table.relid, pg_sys::RowExclusiveLock)
         || !try_lock_relation(table.key_index, pg_sys::RowExclusiveLock)
+        || !make_room(state, table, rows.len(), writes)
     {
         return rows.len();
     }
@@ -633,7 +656,7 @@ fn table_insert(
         if !new.is_empty() {
             as_owner(table.owner, || {
                 with_spi(|| {
-                    let (_, insert, _) = plans(state, table);
+                    let insert = plans(state, table).insert;
                     let hashes: Vec<[u8; 32]> = new.iter().map(|r| r.0).collect();
                     let vectors: Vec<&[f32]> = new.iter().map(|r| r.1).collect();
                     let mut args = [
@@ -653,6 +676,55 @@ fn table_insert(
     }
     skipped
 }
+
+/// Keeps the table within `rsclip.cache_max_rows` before `adding` rows go in: under READ
+/// COMMITTED by evicting the least recently used of a sample, elsewhere (where locking rows
+/// updated after the snapshot would raise 40001) by refusing the insert. False: skip it.
+fn make_room(state: &mut State, table: &Table, adding: usize, writes: Writes) -> bool {
+    let max = settings::CACHE_MAX_ROWS.get().max(0) as i64;
+    if max == 0 {
+        return false;
+    }
+    as_owner(table.owner, || {
+        with_spi(|| {
+            let plans = plans(state, table);
+            let mut args = [pg_sys::Datum::from(table.relid)];
+            execute(plans.count, &mut args, true);
+            // SAFETY: one row of one int8 column (NULL never: the functions return 0).
+            let live = unsafe {
+                let tuptable = pg_sys::SPI_tuptable;
+                let mut null = false;
+                let d = pg_sys::SPI_getbinval(*(*tuptable).vals, (*tuptable).tupdesc, 1, &mut null);
+                if null {
+                    0
+                } else {
+                    d.value() as i64
+                }
+            };
+            let excess = live + adding as i64 - max;
+            if excess <= 0 {
+                return true;
+            }
+            if writes != Writes::All {
+                return false;
+            }
+            // A little more than needed, so that a full table does not evict on every insert.
+            let evict = (excess + (max / 100).max(1)).min(EVICT_AT_ONCE);
+            let percent =
+                (100.0 * (EVICT_SAMPLE * evict) as f64 / live.max(1) as f64).clamp(0.01, 100.0);
+            let mut args = [
+                crate::fmgr::float4_datum(percent as f32),
+                pg_sys::Datum::from(evict),
+            ];
+            execute(plans.evict, &mut args, false);
+            true
+        })
+    })
+}
+
+/// Rows one insert evicts at most, and how many rows per evicted one the sample holds.
+const EVICT_AT_ONCE: i64 = 1000;
+const EVICT_SAMPLE: i64 = 8;
 
 /// The embeddings of the inputs whose keys are `keys` (all of one model and kind): from the
 /// LRU, the table, or `encode`, which is called at most once with the positions (into `keys`)
@@ -723,7 +795,7 @@ pub fn resolve(
         .collect();
     let skipped = match (&table, writes) {
         (Some(table), Writes::Inserts | Writes::All) => {
-            STATE.with_borrow_mut(|state| table_insert(state, table, &model, kind, &rows))
+            STATE.with_borrow_mut(|state| table_insert(state, table, &model, kind, &rows, writes))
         }
         _ => rows.len(),
     };

@@ -51,6 +51,7 @@ pub static MAX_PROBES: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static CACHE: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static CACHE_IMAGES: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static CACHE_LRU_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
+pub static CACHE_MAX_ROWS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 pub static TIFF_BANDS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"1,2,3"));
 
@@ -213,6 +214,16 @@ pub fn register() {
         0,
         1_000_000,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"rsclip.cache_max_rows",
+        c"Rows rsclip_cache holds at most; inserts beyond evict the least recently used of a sample (0 = no new rows).",
+        c"Counted from the table statistics, which lag by about a second. About 3 KB per row at 768 dimensions.",
+        &CACHE_MAX_ROWS,
+        0,
+        i32::MAX,
+        GucContext::Suset,
         GucFlags::default(),
     );
     // SAFETY: called from _PG_init with a static NUL-terminated prefix.
