@@ -10,20 +10,9 @@ use rsclip_model::decode::{decode_rgb8, DecodeError, DecodeOptions};
 use rsclip_model::runtime::with_signals_blocked;
 
 fn decode_options() -> DecodeOptions {
-    let bands_text = settings::string(&settings::TIFF_BANDS).unwrap_or_else(|| "1,2,3".into());
-    let parsed: Vec<usize> = bands_text
-        .split(',')
-        .filter_map(|b| b.trim().parse::<usize>().ok())
-        .collect();
-    if parsed.len() != 3 || parsed.contains(&0) {
-        error(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("rsclip.tiff_bands must be three 1-based band numbers such as '4,3,2', not '{bands_text}'"),
-        );
-    }
     DecodeOptions {
         max_pixels: settings::MAX_IMAGE_PIXELS.get().max(1) as u64,
-        bands: [parsed[0] - 1, parsed[1] - 1, parsed[2] - 1],
+        bands: settings::tiff_bands(),
         reduce_to: None,
     }
 }

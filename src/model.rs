@@ -211,25 +211,14 @@ fn runtime_options() -> RuntimeOptions {
         ExecutionProvider::Cpu => Provider::Cpu,
         ExecutionProvider::Cuda => Provider::Cuda,
     };
-    let device = settings::string(&settings::CUDA_DEVICE).unwrap_or_else(|| "auto".into());
-    let cuda_device =
-        if device.eq_ignore_ascii_case("auto") {
+    let cuda_device = match settings::cuda_device() {
+        settings::CudaDevice::Auto => {
             let n = cuda_device_count().max(1);
             // SAFETY: MyProcPid is a plain global set at backend start.
             (unsafe { pg_sys::MyProcPid }).rem_euclid(n)
-        } else {
-            device
-                .trim()
-                .parse::<i32>()
-                .ok()
-                .filter(|d| *d >= 0)
-                .unwrap_or_else(|| {
-                    error(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("rsclip.cuda_device must be \"auto\" or a device number, not \"{device}\""),
-            )
-                })
-        };
+        }
+        settings::CudaDevice::Ordinal(d) => d,
+    };
     let limit = settings::GPU_MEM_LIMIT_MB.get();
     RuntimeOptions {
         provider,

@@ -80,14 +80,20 @@ pub fn register() {
         GucContext::Userset,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
-        c"rsclip.cuda_device",
-        c"CUDA device ordinal, or auto (backend pid modulo the device count).",
-        c"",
-        &CUDA_DEVICE,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
+    // SAFETY: the hooks are guarded extern functions with the signatures Postgres calls.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"rsclip.cuda_device",
+            c"CUDA device ordinal, or auto (backend pid modulo the device count).",
+            c"",
+            &CUDA_DEVICE,
+            GucContext::Userset,
+            GucFlags::default(),
+            Some(check_cuda_device),
+            Some(assign_cuda_device),
+            None,
+        )
+    };
     GucRegistry::define_int_guc(
         c"rsclip.gpu_mem_limit",
         c"Memory limit of the CUDA execution provider's arena per session (0 = no limit).",
@@ -182,14 +188,20 @@ pub fn register() {
         GucContext::Userset,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
-        c"rsclip.tiff_bands",
-        c"1-based bands of multi-band TIFFs used as red, green, blue, e.g. '4,3,2'.",
-        c"",
-        &TIFF_BANDS,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
+    // SAFETY: as above.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"rsclip.tiff_bands",
+            c"1-based bands of multi-band TIFFs used as red, green, blue, e.g. '4,3,2'.",
+            c"",
+            &TIFF_BANDS,
+            GucContext::Userset,
+            GucFlags::default(),
+            Some(check_tiff_bands),
+            Some(assign_tiff_bands),
+            None,
+        )
+    };
     GucRegistry::define_bool_guc(
         c"rsclip.cache",
         c"Encoders reuse results from this backend's LRU and the shared table rsclip_cache, and add new ones.",
@@ -230,6 +242,136 @@ pub fn register() {
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"rsclip".as_ptr()) };
 }
 
+/// Where `rsclip.cuda_device` points.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CudaDevice {
+    /// The backend's pid modulo the device count.
+    Auto,
+    Ordinal(i32),
+}
+
+/// Parses `rsclip.cuda_device` (NULL or empty: the default, auto).
+pub fn parse_cuda_device(text: &str) -> Result<CudaDevice, String> {
+    let t = text.trim();
+    if t.is_empty() || t.eq_ignore_ascii_case("auto") {
+        return Ok(CudaDevice::Auto);
+    }
+    match t.parse::<i32>() {
+        Ok(d) if d >= 0 => Ok(CudaDevice::Ordinal(d)),
+        _ => Err(format!(
+            "rsclip.cuda_device must be \"auto\" or a device number (0, 1, ...), not \"{text}\"."
+        )),
+    }
+}
+
+/// Parses `rsclip.tiff_bands` into 0-based band indexes (NULL or empty: the default, 1,2,3).
+pub fn parse_tiff_bands(text: &str) -> Result<[usize; 3], String> {
+    if text.trim().is_empty() {
+        return Ok([0, 1, 2]);
+    }
+    let bad = || {
+        format!(
+            "rsclip.tiff_bands must be three 1-based band numbers such as '4,3,2', not '{text}'."
+        )
+    };
+    let parsed: Vec<usize> = text
+        .split(',')
+        .map(|b| b.trim().parse::<usize>().ok().filter(|&b| b >= 1))
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
+    match parsed[..] {
+        [r, g, b] => Ok([r - 1, g - 1, b - 1]),
+        _ => Err(bad()),
+    }
+}
+
+thread_local! {
+    // The parsed values, set by the assign hooks whenever the settings change.
+    static CUDA_DEVICE_PARSED: std::cell::Cell<CudaDevice> = const { std::cell::Cell::new(CudaDevice::Auto) };
+    static TIFF_BANDS_PARSED: std::cell::Cell<[usize; 3]> = const { std::cell::Cell::new([0, 1, 2]) };
+}
+
+pub fn cuda_device() -> CudaDevice {
+    CUDA_DEVICE_PARSED.get()
+}
+
+pub fn tiff_bands() -> [usize; 3] {
+    TIFF_BANDS_PARSED.get()
+}
+
+/// The text of a GUC string hook's value (NULL: empty).
+///
+/// # Safety
+/// `value` is NULL or a NUL-terminated string that outlives the call.
+unsafe fn hook_text<'a>(value: *const std::ffi::c_char) -> std::borrow::Cow<'a, str> {
+    if value.is_null() {
+        "".into()
+    } else {
+        // SAFETY: (caller) a NUL-terminated string.
+        unsafe { std::ffi::CStr::from_ptr(value) }.to_string_lossy()
+    }
+}
+
+/// Rejects the value with `detail` (a GUC check hook's way of raising a clear error).
+fn reject(detail: &str) -> bool {
+    let detail = CString::new(detail).unwrap_or_default();
+    // SAFETY: GUC reports these after the hook returns false; pstrdup copies into the current
+    // memory context, which lives until then.
+    unsafe {
+        pgrx::pg_sys::GUC_check_errcode(
+            pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32,
+        );
+        pgrx::pg_sys::GUC_check_errdetail_string = pgrx::pg_sys::pstrdup(detail.as_ptr());
+    }
+    false
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_cuda_device(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: Postgres passes a pointer to the candidate value.
+    match parse_cuda_device(&unsafe { hook_text(*newval) }) {
+        Ok(_) => true,
+        Err(e) => reject(&e),
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn assign_cuda_device(
+    newval: *const std::ffi::c_char,
+    _extra: *mut std::ffi::c_void,
+) {
+    // SAFETY: the value the check hook accepted.
+    let parsed = parse_cuda_device(&unsafe { hook_text(newval) }).unwrap_or(CudaDevice::Auto);
+    CUDA_DEVICE_PARSED.set(parsed);
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_tiff_bands(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: Postgres passes a pointer to the candidate value.
+    match parse_tiff_bands(&unsafe { hook_text(*newval) }) {
+        Ok(_) => true,
+        Err(e) => reject(&e),
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn assign_tiff_bands(
+    newval: *const std::ffi::c_char,
+    _extra: *mut std::ffi::c_void,
+) {
+    // SAFETY: the value the check hook accepted.
+    let parsed = parse_tiff_bands(&unsafe { hook_text(newval) }).unwrap_or([0, 1, 2]);
+    TIFF_BANDS_PARSED.set(parsed);
+}
+
 pub fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
     setting
         .get()
@@ -250,6 +392,32 @@ pub fn decode_threads() -> usize {
             CORES.with(|c| {
                 *c.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             })
+        }
+    }
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn tiff_bands() {
+        assert_eq!(parse_tiff_bands("4,3,2"), Ok([3, 2, 1]));
+        assert_eq!(parse_tiff_bands(" 1 , 2,3 "), Ok([0, 1, 2]));
+        assert_eq!(parse_tiff_bands(""), Ok([0, 1, 2]));
+        for bad in ["0,1,2", "1,2", "1,2,3,4", "a,b,c", "1,,2", "-1,2,3"] {
+            let e = parse_tiff_bands(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn cuda_device() {
+        assert_eq!(parse_cuda_device("AUTO"), Ok(CudaDevice::Auto));
+        assert_eq!(parse_cuda_device(""), Ok(CudaDevice::Auto));
+        assert_eq!(parse_cuda_device(" 3 "), Ok(CudaDevice::Ordinal(3)));
+        for bad in ["-1", "gpu0", "1.5"] {
+            assert!(parse_cuda_device(bad).unwrap_err().contains(bad));
         }
     }
 }

@@ -228,11 +228,29 @@ def test_tiff_band_selection(conn):
     conn.execute("SET rsclip.tiff_bands = '1,2,9'")
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="band 9 selected but the image has 4 bands"):
         conn.execute("SELECT rsclip_encode_image(%s)", (tif,))
-    conn.execute("SET rsclip.tiff_bands = '0,1,2'")
-    with pytest.raises(psycopg.errors.InvalidParameterValue, match="rsclip.tiff_bands"):
-        conn.execute("SELECT rsclip_encode_image(%s)", (tif,))
     conn.execute("RESET rsclip.tiff_bands")
     assert cosine(emb(conn, "SELECT rsclip_encode_image(%s)::text", (tif,)), default) > 0.999999
+
+
+@pytest.mark.parametrize("setting, value, detail", [
+    ("rsclip.tiff_bands", "0,1,2", "three 1-based band numbers"),
+    ("rsclip.tiff_bands", "4,3", "three 1-based band numbers"),
+    ("rsclip.tiff_bands", "red,green,blue", "three 1-based band numbers"),
+    ("rsclip.cuda_device", "-1", "\"auto\" or a device number"),
+    ("rsclip.cuda_device", "gpu0", "\"auto\" or a device number"),
+])
+def test_bad_settings_are_refused_on_set(conn, setting, value, detail):
+    """Checked by SET (a GUC check hook), not at the next encode; the old value stays."""
+    before = conn.execute(f"SHOW {setting}").fetchone()[0]
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+        conn.execute(f"SET {setting} = '{value}'")
+    assert f'invalid value for parameter "{setting}"' in str(e.value)
+    assert detail in (e.value.diag.message_detail or ""), e.value.diag.message_detail
+    assert conn.execute(f"SHOW {setting}").fetchone()[0] == before
+    # ALTER SYSTEM checks the value too, so a bad one never reaches postgresql.auto.conf
+    with pytest.raises(psycopg.errors.InvalidParameterValue):
+        conn.execute(f"ALTER SYSTEM SET {setting} = '{value}'")
+    assert conn.execute("SELECT rsclip_encode_text('still works') IS NOT NULL").fetchone()[0]
 
 
 def test_max_image_pixels_setting(conn):
