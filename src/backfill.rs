@@ -25,6 +25,7 @@ use rsclip_model::preprocess::Preprocessing;
 use rsclip_model::runtime::{with_signals_blocked, Encoder, RuntimeError};
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -47,6 +48,9 @@ struct Queued {
     settings: Decoding,
     inputs: Arc<Vec<Vec<u8>>>,
     decoded: JoinHandle<Vec<Decoded>>,
+    /// Set when the batch is forgotten (an abort): its decoding stops before the next image and
+    /// its model job skips inference.
+    cancel: Arc<AtomicBool>,
 }
 
 /// What the model job of a batch produced: its inputs and their outcomes, None if the model run
@@ -61,6 +65,8 @@ thread_local! {
     /// Batches handed over and not yet given to the model, oldest first. The batch before them
     /// runs as the model's vision job and returns an `Ahead`.
     static QUEUE: RefCell<VecDeque<Queued>> = const { RefCell::new(VecDeque::new()) };
+    /// The cancel flag of the batch the model job works on.
+    static JOB_CANCEL: RefCell<Option<Arc<AtomicBool>>> = const { RefCell::new(None) };
 }
 
 /// Decodes `images` on up to `threads` threads (no Postgres calls).
@@ -69,8 +75,12 @@ fn decode_all<B: AsRef<[u8]> + Sync>(
     threads: usize,
     pre: &Preprocessing,
     opts: &DecodeOptions,
+    cancel: &AtomicBool,
 ) -> Vec<Decoded> {
     let one = |bytes: &B| -> Decoded {
+        if cancel.load(Ordering::Relaxed) {
+            return Err("cancelled".into());
+        }
         let rgb = decode_rgb8(bytes.as_ref(), opts).map_err(|e| e.to_string())?;
         let mut out = vec![0f32; pre.tensor_len()];
         pre.pixel_values(&rgb, &mut out);
@@ -140,14 +150,24 @@ unsafe extern "C-unwind" fn forget_at_abort(
     _arg: *mut std::ffi::c_void,
 ) {
     if event == pg_sys::XactEvent::XACT_EVENT_ABORT {
+        // Not waiting for the model job here: an abort that a cancel caused must not wait for
+        // a large image to finish decoding. Cancelled, the job drops its batch at once and
+        // stays to be collected by the next use of the model (or at exit).
         let _ = std::panic::catch_unwind(|| {
             QUEUE.with(|q| {
                 if let Ok(mut q) = q.try_borrow_mut() {
+                    for b in q.iter() {
+                        b.cancel.store(true, Ordering::Relaxed);
+                    }
                     q.clear();
                 }
-            })
+            });
+            JOB_CANCEL.with(|c| {
+                if let Some(c) = c.try_borrow_mut().ok().and_then(|mut c| c.take()) {
+                    c.store(true, Ordering::Relaxed);
+                }
+            });
         });
-        model::drop_vision_job_quietly();
     }
 }
 
@@ -155,15 +175,17 @@ unsafe extern "C-unwind" fn forget_at_abort(
 fn spawn_decoding(images: &[&[u8]], threads: usize, settings: &Decoding) -> Queued {
     forget_on_abort();
     let inputs: Arc<Vec<Vec<u8>>> = Arc::new(images.iter().map(|b| b.to_vec()).collect());
-    let (bytes, options, preprocessing) = (
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (bytes, options, preprocessing, stop) = (
         Arc::clone(&inputs),
         settings.options,
         settings.preprocessing.clone(),
+        Arc::clone(&cancel),
     );
     let decoded = with_signals_blocked(|| {
         std::thread::Builder::new()
             .name("rsclip decode".into())
-            .spawn(move || decode_all(&bytes, threads, &preprocessing, &options))
+            .spawn(move || decode_all(&bytes, threads, &preprocessing, &options, &stop))
     })
     .unwrap_or_else(|e| {
         error(
@@ -175,6 +197,7 @@ fn spawn_decoding(images: &[&[u8]], threads: usize, settings: &Decoding) -> Queu
         settings: settings.clone(),
         inputs,
         decoded,
+        cancel,
     }
 }
 
@@ -188,15 +211,24 @@ fn start_next_model_job() {
         settings,
         inputs,
         decoded,
+        cancel,
     }) = QUEUE.with_borrow_mut(|q| q.pop_front())
     else {
         return;
     };
+    JOB_CANCEL.with_borrow_mut(|c| *c = Some(Arc::clone(&cancel)));
     model::with_model(|l, counts| {
         l.spawn_vision(counts, move |encoder| {
             let decoded = decoded
                 .join()
                 .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            if cancel.load(Ordering::Relaxed) {
+                return Ahead {
+                    settings,
+                    inputs: Arc::new(Vec::new()),
+                    outcomes: None,
+                };
+            }
             let image_size = settings.preprocessing.image_size;
             Ahead {
                 settings,
@@ -243,12 +275,13 @@ fn take_handed_over(images: &[&[u8]], settings: &Decoding) -> Vec<Option<Outcome
         q.pop_front()
     });
     if let Some(Queued {
-        inputs, decoded, ..
+        inputs,
+        decoded,
+        cancel,
+        ..
     }) = found
     {
-        let decoded = decoded
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let decoded = crate::decoding::join_interruptibly(decoded, &cancel);
         let image_size = settings.preprocessing.image_size;
         // on failure, encoded again on the spot, which raises the error
         if let Ok(done) =
@@ -297,7 +330,11 @@ fn encode_image_batch(
     if !missing.is_empty() {
         let bytes: Vec<&[u8]> = missing.iter().map(|&i| images[i]).collect();
         let pre = &settings.preprocessing;
-        let decoded = with_signals_blocked(|| decode_all(&bytes, threads, pre, &settings.options));
+        let decoded: Vec<Decoded> =
+            crate::decoding::decode_batch(&bytes, threads, pre, &settings.options)
+                .into_iter()
+                .map(|r| r.map_err(|e| e.to_string()))
+                .collect();
         let done =
             model::with_model(|l, counts| run_decoded(l.vision(counts), decoded, pre.image_size))
                 .unwrap_or_else(|e| model::raise_runtime(e));

@@ -6,8 +6,7 @@ use crate::fmgr::{arg, bytea_bytes, error, float8_datum, pg_function};
 use crate::model::{self, Loaded};
 use crate::settings;
 use pgrx::{pg_sys, PgSqlErrorCode};
-use rsclip_model::decode::{decode_rgb8, DecodeError, DecodeOptions};
-use rsclip_model::runtime::with_signals_blocked;
+use rsclip_model::decode::{DecodeError, DecodeOptions};
 
 fn decode_options() -> DecodeOptions {
     DecodeOptions {
@@ -47,8 +46,7 @@ fn embedding_datum(v: &[f32]) -> pg_sys::Datum {
     datum::from_slice(v)
 }
 
-/// Decodes and preprocesses `images` into one tensor, on up to `threads` worker threads that
-/// never call into Postgres.
+/// Decodes and preprocesses `images` into one tensor (interruptibly, see decoding.rs).
 fn pixel_batch(
     loaded: &Loaded,
     images: &[&[u8]],
@@ -58,41 +56,14 @@ fn pixel_batch(
     let pre = &loaded.preprocessing;
     let opts = image_decode_options(pre.image_size);
     let per = pre.tensor_len();
-    let mut out = vec![0f32; per * images.len()];
-    let results: Vec<Result<(), DecodeError>> = if threads <= 1 || images.len() <= 1 {
-        images
-            .iter()
-            .zip(out.chunks_exact_mut(per))
-            .map(|(bytes, dst)| decode_rgb8(bytes, &opts).map(|rgb| pre.pixel_values(&rgb, dst)))
-            .collect()
-    } else {
-        let chunk = images.len().div_ceil(threads);
-        with_signals_blocked(|| {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = images
-                    .chunks(chunk)
-                    .zip(out.chunks_mut(per * chunk))
-                    .map(|(imgs, dsts)| {
-                        scope.spawn(move || {
-                            imgs.iter()
-                                .zip(dsts.chunks_exact_mut(per))
-                                .map(|(bytes, dst)| {
-                                    decode_rgb8(bytes, &opts).map(|rgb| pre.pixel_values(&rgb, dst))
-                                })
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().expect("decode worker panicked"))
-                    .collect()
-            })
-        })
-    };
-    for (i, r) in results.iter().enumerate() {
-        if let Err(e) = r {
-            raise_decode(e, labels.map(|l| l[i]));
+    let mut out = Vec::with_capacity(per * images.len());
+    for (i, r) in crate::decoding::decode_batch(images, threads, pre, &opts)
+        .into_iter()
+        .enumerate()
+    {
+        match r {
+            Ok(pixels) => out.extend_from_slice(&pixels),
+            Err(e) => raise_decode(&e, labels.map(|l| l[i])),
         }
     }
     out

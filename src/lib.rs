@@ -9,6 +9,7 @@ mod backfill;
 mod cache;
 mod casts;
 mod datum;
+mod decoding;
 mod detoast_cache;
 mod encode;
 mod fmgr;

@@ -448,12 +448,23 @@ impl Loaded {
     /// Waits for the job `spawn_vision` started, takes the session back and returns the job's
     /// result (None when there is no job, or it returned another type). A job that panicked
     /// took the session with it (the next use loads a new one); the panic goes on here.
+    ///
+    /// The wait checks for interrupts: on one, the job stays where it is (and the session with
+    /// it) for the next call to collect.
     pub fn join_vision<T: 'static>(&mut self) -> Option<T> {
-        let reply = self.vision_job.take()?.reply.take()?;
-        let (encoder, out) = reply
-            .recv()
-            .ok()?
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let reply = self.vision_job.as_ref()?.reply.as_ref()?;
+        let outcome = loop {
+            match reply.recv_timeout(std::time::Duration::from_millis(5)) {
+                Ok(outcome) => break Some(outcome),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    pgrx::check_for_interrupts!();
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break None,
+            }
+        };
+        let mut job = self.vision_job.take().expect("checked above");
+        job.reply = None; // answered: nothing left for its drop to wait for
+        let (encoder, out) = outcome?.unwrap_or_else(|p| std::panic::resume_unwind(p));
         self.vision = Some(encoder);
         out.downcast::<T>().ok().map(|b| *b)
     }

@@ -6,6 +6,7 @@
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::PostgresGucEnum;
 use std::ffi::CString;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ExecutionProvider {
@@ -276,7 +277,12 @@ pub fn parse_tiff_bands(text: &str) -> Result<[usize; 3], String> {
     };
     let parsed: Vec<usize> = text
         .split(',')
-        .map(|b| b.trim().parse::<usize>().ok().filter(|&b| b >= 1))
+        .map(|b| {
+            b.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&b| (1..=65535).contains(&b))
+        })
         .collect::<Option<_>>()
         .ok_or_else(bad)?;
     match parsed[..] {
@@ -285,18 +291,29 @@ pub fn parse_tiff_bands(text: &str) -> Result<[usize; 3], String> {
     }
 }
 
-thread_local! {
-    // The parsed values, set by the assign hooks whenever the settings change.
-    static CUDA_DEVICE_PARSED: std::cell::Cell<CudaDevice> = const { std::cell::Cell::new(CudaDevice::Auto) };
-    static TIFF_BANDS_PARSED: std::cell::Cell<[usize; 3]> = const { std::cell::Cell::new([0, 1, 2]) };
+// The parsed values, set by the assign hooks whenever the settings change. Atomics, not
+// thread-locals: decoding threads may read them too.
+static CUDA_DEVICE_PARSED: AtomicI64 = AtomicI64::new(-1); // -1: auto
+static TIFF_BANDS_PARSED: AtomicU64 = AtomicU64::new(pack_bands([0, 1, 2]));
+
+const fn pack_bands(b: [usize; 3]) -> u64 {
+    (b[0] as u64 & 0xFFFF) | (b[1] as u64 & 0xFFFF) << 16 | (b[2] as u64 & 0xFFFF) << 32
 }
 
 pub fn cuda_device() -> CudaDevice {
-    CUDA_DEVICE_PARSED.get()
+    match CUDA_DEVICE_PARSED.load(Ordering::Relaxed) {
+        d if d < 0 => CudaDevice::Auto,
+        d => CudaDevice::Ordinal(d as i32),
+    }
 }
 
 pub fn tiff_bands() -> [usize; 3] {
-    TIFF_BANDS_PARSED.get()
+    let p = TIFF_BANDS_PARSED.load(Ordering::Relaxed);
+    [
+        (p & 0xFFFF) as usize,
+        (p >> 16 & 0xFFFF) as usize,
+        (p >> 32 & 0xFFFF) as usize,
+    ]
 }
 
 /// The text of a GUC string hook's value (NULL: empty).
@@ -345,8 +362,11 @@ unsafe extern "C-unwind" fn assign_cuda_device(
     _extra: *mut std::ffi::c_void,
 ) {
     // SAFETY: the value the check hook accepted.
-    let parsed = parse_cuda_device(&unsafe { hook_text(newval) }).unwrap_or(CudaDevice::Auto);
-    CUDA_DEVICE_PARSED.set(parsed);
+    let parsed = match parse_cuda_device(&unsafe { hook_text(newval) }) {
+        Ok(CudaDevice::Ordinal(d)) => d as i64,
+        _ => -1,
+    };
+    CUDA_DEVICE_PARSED.store(parsed, Ordering::Relaxed);
 }
 
 #[pgrx::pg_guard]
@@ -369,7 +389,7 @@ unsafe extern "C-unwind" fn assign_tiff_bands(
 ) {
     // SAFETY: the value the check hook accepted.
     let parsed = parse_tiff_bands(&unsafe { hook_text(newval) }).unwrap_or([0, 1, 2]);
-    TIFF_BANDS_PARSED.set(parsed);
+    TIFF_BANDS_PARSED.store(pack_bands(parsed), Ordering::Relaxed);
 }
 
 pub fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
@@ -405,10 +425,26 @@ mod parse_tests {
         assert_eq!(parse_tiff_bands("4,3,2"), Ok([3, 2, 1]));
         assert_eq!(parse_tiff_bands(" 1 , 2,3 "), Ok([0, 1, 2]));
         assert_eq!(parse_tiff_bands(""), Ok([0, 1, 2]));
-        for bad in ["0,1,2", "1,2", "1,2,3,4", "a,b,c", "1,,2", "-1,2,3"] {
+        assert_eq!(tiff_bands_roundtrip([3, 65534, 7]), [3, 65534, 7]);
+        for bad in [
+            "0,1,2",
+            "1,2",
+            "1,2,3,4",
+            "a,b,c",
+            "1,,2",
+            "-1,2,3",
+            "1,2,65536",
+        ] {
             let e = parse_tiff_bands(bad).unwrap_err();
             assert!(e.contains(bad), "{e}");
         }
+    }
+
+    fn tiff_bands_roundtrip(b: [usize; 3]) -> [usize; 3] {
+        TIFF_BANDS_PARSED.store(pack_bands(b), Ordering::Relaxed);
+        let got = super::tiff_bands();
+        TIFF_BANDS_PARSED.store(pack_bands([0, 1, 2]), Ordering::Relaxed);
+        got
     }
 
     #[test]

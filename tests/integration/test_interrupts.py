@@ -1,0 +1,124 @@
+"""Cancel, statement_timeout and termination reach a backend while it decodes a large image:
+in the single and the array encoders and in rsclip_backfill. Before decoding ran on threads
+the backend waits for interruptibly, a 9000 x 9000 PNG was cancelled only when its decode ended."""
+import struct
+import threading
+import time
+import zlib
+
+import psycopg
+import pytest
+
+from conftest import uri_for
+
+SIDE = 9000
+# The bound the tests hold a cancel to: the poll interval is 5 ms, the rest is slack for a
+# loaded 2-core machine. The decode itself must take several times longer for the test to mean
+# anything, which test_the_image_is_slow_to_decode checks.
+BOUND = 0.30
+
+
+def big_png(side=SIDE) -> bytes:
+    """A side x side grey RGB PNG: small to store (it compresses to ~1 MB), slow to decode."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    z = zlib.compressobj(1)
+    row = b"\x00" + bytes([120, 130, 140]) * side
+    body = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def image():
+    return big_png()
+
+
+def connect(dbname):
+    c = psycopg.connect(uri_for(dbname), autocommit=True)
+    c.execute("SET rsclip.cache = off")  # every call decodes
+    return c
+
+
+def test_the_image_is_slow_to_decode(dbname, image):
+    with connect(dbname) as c:
+        c.execute("SELECT rsclip_encode_image(%s)", (image,))  # loads the model
+        t0 = time.perf_counter()
+        c.execute("SELECT rsclip_encode_image(%s)", (image,))
+        took = time.perf_counter() - t0
+    assert took > 2 * BOUND, f"decoding took {took:.2f} s: too fast for the interrupt tests to mean anything"
+
+
+@pytest.mark.parametrize("sql, args", [
+    ("SELECT rsclip_encode_image(%s)", lambda img: (img,)),
+    ("SELECT rsclip_encode_images(ARRAY[%s, %s])", lambda img: (img, img)),
+])
+def test_statement_timeout_interrupts_a_decode(dbname, image, sql, args):
+    with connect(dbname) as c:
+        c.execute("SELECT rsclip_encode_text('warm up')")
+        c.execute("SET statement_timeout = '100ms'")
+        t0 = time.perf_counter()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            c.execute(sql, args(image))
+        took = time.perf_counter() - t0
+        assert took < 0.1 + BOUND, f"cancelled after {took:.2f} s"
+        # the backend is fine afterwards, and the threads left behind do not disturb it
+        c.execute("RESET statement_timeout")
+        assert c.execute("SELECT rsclip_encode_text('after the cancel') IS NOT NULL").fetchone()[0]
+
+
+def cancel_later(dbname, pid, after, how="pg_cancel_backend"):
+    def run():
+        time.sleep(after)
+        with psycopg.connect(uri_for(dbname), autocommit=True) as other:
+            other.execute(f"SELECT {how}(%s)", (pid,))
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_pg_cancel_backend_interrupts_a_decode(dbname, image):
+    with connect(dbname) as c:
+        c.execute("SELECT rsclip_encode_text('warm up')")
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        t = cancel_later(dbname, pid, 0.1)
+        t0 = time.perf_counter()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            c.execute("SELECT rsclip_encode_image(%s)", (image,))
+        took = time.perf_counter() - t0
+        t.join()
+        assert took < 0.1 + BOUND, f"cancelled after {took:.2f} s"
+
+
+def test_pg_terminate_backend_interrupts_a_decode(dbname, image):
+    c = connect(dbname)
+    c.execute("SELECT rsclip_encode_text('warm up')")
+    pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+    t = cancel_later(dbname, pid, 0.1, "pg_terminate_backend")
+    t0 = time.perf_counter()
+    with pytest.raises(psycopg.OperationalError):
+        c.execute("SELECT rsclip_encode_image(%s)", (image,))
+    took = time.perf_counter() - t0
+    t.join()
+    c.close()
+    assert took < 0.1 + BOUND, f"terminated after {took:.2f} s"
+
+
+def test_cancel_interrupts_a_backfill_decode(dbname, image):
+    with connect(dbname) as c:
+        c.execute("DROP TABLE IF EXISTS big_tiles")
+        c.execute("CREATE TABLE big_tiles (id int PRIMARY KEY, img bytea, emb embedding)")
+        for i in range(4):
+            c.execute("INSERT INTO big_tiles VALUES (%s, %s, NULL)", (i, image))
+        c.execute("SELECT rsclip_encode_text('warm up')")
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        t = cancel_later(dbname, pid, 0.3)
+        t0 = time.perf_counter()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            c.execute("CALL rsclip_backfill('big_tiles', 'img', 'emb', batch_size => 2)")
+        took = time.perf_counter() - t0
+        t.join()
+        assert took < 0.3 + BOUND, f"cancelled after {took:.2f} s"
+        # nothing half-written: the rows are either embedded or still NULL, and a new run finishes
+        c.execute("CALL rsclip_backfill('big_tiles', 'img', 'emb', batch_size => 2)")
+        assert c.execute("SELECT count(*) FROM big_tiles WHERE emb IS NULL").fetchone()[0] == 0
