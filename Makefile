@@ -20,6 +20,8 @@ build: setup
 install: setup
 	@$(ENV) cargo pgrx install --release --pg-config "$$(rsclip_pg_config $(PG))" --features pg$(PG) --no-default-features \
 	  > "$$RSCLIP_LOCAL/install-pg$(PG).log" 2>&1 || { cat "$$RSCLIP_LOCAL/install-pg$(PG).log"; exit 1; }
+	@# earlier versions' install scripts (kept verbatim) and the upgrade scripts between versions
+	@$(ENV) cp sql/versions/*.sql sql/upgrade/*.sql "$$("$$(rsclip_pg_config $(PG))" --sharedir)/extension/"
 	@echo "installed rsclip into PostgreSQL $(PG)"
 
 lint: setup

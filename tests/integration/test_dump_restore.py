@@ -14,6 +14,8 @@ def test_dump_and_restore_preserves_everything(dbname, tmp_path):
                      FROM generate_series(1, 768) WHERE i > 0)::embedding), 'tile ' || i FROM generate_series(1, 500) i""")
         c.execute("INSERT INTO tiles VALUES (0, NULL, 'no embedding yet')")
         c.execute("CREATE INDEX ON tiles USING hash (emb)")
+        c.execute("CREATE INDEX tiles_ip ON tiles USING rsclip (emb embedding_ip_ops) WITH (lists = 10)")
+        c.execute("CREATE INDEX tiles_cos ON tiles USING rsclip (emb embedding_cosine_ops)")
         c.execute("CREATE TABLE small (v embedding(3) UNIQUE)")
         c.execute("INSERT INTO small VALUES ('[1,2,3]'), ('[-0,1e-45,3.4028235e38]')")
         before = c.execute("SELECT md5(string_agg(id || ':' || coalesce(emb::text, 'null'), ',' ORDER BY id)) FROM tiles").fetchone()[0]
@@ -30,7 +32,20 @@ def test_dump_and_restore_preserves_everything(dbname, tmp_path):
             after = c.execute("SELECT md5(string_agg(id || ':' || coalesce(emb::text, 'null'), ',' ORDER BY id)) FROM tiles").fetchone()[0]
             assert after == before
             assert c.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'tiles'::regclass AND attname = 'emb'").fetchone()[0] == "embedding(768)"
-            assert c.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'tiles'").fetchone()[0] == 2
+            assert c.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'tiles'").fetchone()[0] == 4
+            # the rsclip indexes come back rebuilt, with their options, and serve searches
+            assert c.execute("SELECT reloptions FROM pg_class WHERE relname = 'tiles_ip'").fetchone()[0] == ["lists=10"]
+            for index in ("tiles_ip", "tiles_cos"):
+                report = c.execute("SELECT rsclip_index_check(%s)", (index,)).fetchone()[0]
+                assert report["index_tuples"] == 500, report
+            c.execute("SET enable_seqscan = off")
+            c.execute("SET rsclip.probes = 10")
+            q = "(SELECT emb FROM tiles WHERE id = 42)"
+            plan = "\n".join(r[0] for r in c.execute(f"EXPLAIN (COSTS OFF) SELECT id FROM tiles ORDER BY emb <#> {q} LIMIT 5"))
+            assert "Index Scan using tiles_ip" in plan, plan
+            assert c.execute(f"SELECT id FROM tiles ORDER BY emb <#> {q} LIMIT 1").fetchone()[0] == 42
+            assert c.execute(f"SELECT id FROM tiles ORDER BY emb <=> {q} LIMIT 1").fetchone()[0] == 42
+            c.execute("RESET enable_seqscan")
             assert c.execute("SELECT string_agg(v::text, ' ' ORDER BY v) FROM small").fetchone()[0] == "[-0,1e-45,3.4028235e+38] [1,2,3]"
             assert c.execute("SELECT count(*) FROM tiles WHERE emb = (SELECT emb FROM tiles WHERE id = 7)").fetchone()[0] == 1
             top = c.execute("SELECT id FROM tiles WHERE emb IS NOT NULL ORDER BY emb <#> (SELECT emb FROM tiles WHERE id = 42) LIMIT 1").fetchone()[0]

@@ -234,7 +234,10 @@ impl Meta {
                      version reads format {VERSION}: REINDEX it"
                 )
             } else {
-                format!("unsupported format version {version} (this rsclip reads {VERSION})")
+                format!(
+                    "unsupported format version {version}, written by a newer rsclip (this one \
+                     reads format {VERSION}): install that version, or REINDEX with this one"
+                )
             });
         }
         let dims = u32_at(b, 8);
@@ -783,6 +786,17 @@ mod tests {
             assert!(Meta::decode(&c).is_err(), "offset {off}");
         }
         assert!(Meta::decode(&b[..63]).is_err());
+    }
+
+    #[test]
+    fn other_format_versions_say_what_to_do() {
+        let b = meta().encode();
+        for (version, says) in [(VERSION - 1, "older rsclip"), (VERSION + 1, "newer rsclip")] {
+            let mut c = b;
+            c[4..8].copy_from_slice(&version.to_le_bytes());
+            let e = format!("{:?}", Meta::decode(&c).unwrap_err());
+            assert!(e.contains(says) && e.contains("REINDEX"), "{e}");
+        }
     }
 
     fn row(i: u32, d: usize) -> RowCode {

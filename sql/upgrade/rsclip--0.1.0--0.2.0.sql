@@ -1,0 +1,74 @@
+-- rsclip 0.1.0 -> 0.2.0. What changed in the SQL (the rest of 0.2.0 is in the library):
+-- - rsclip_cache_prune locks the cache table in SHARE ROW EXCLUSIVE mode, so encoders skip their
+--   writes while it runs instead of waiting on the rows it deletes;
+-- - rsclip_backfill_report keeps at most one state row per backend, so PUBLIC cannot grow
+--   rsclip_backfill_state.
+-- tests/integration/test_upgrade.py checks that an upgraded 0.1.0 equals a fresh 0.2.0.
+\echo Use "ALTER EXTENSION rsclip UPDATE TO '0.2.0'" to load this file. \quit
+
+CREATE OR REPLACE FUNCTION rsclip_cache_prune(older_than interval DEFAULT NULL, max_rows bigint DEFAULT NULL)
+    RETURNS bigint LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    removed bigint := 0;
+    n bigint;
+BEGIN
+    IF older_than IS NOT NULL AND older_than < interval '0' THEN
+        RAISE EXCEPTION 'rsclip_cache_prune: older_than must not be negative, not %', older_than
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF max_rows IS NOT NULL AND max_rows < 0 THEN
+        RAISE EXCEPTION 'rsclip_cache_prune: max_rows must not be negative, not %', max_rows
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Encoders skip their cache writes while this runs instead of waiting on rows it deletes
+    -- (they lock the table conditionally, in a mode this one conflicts with); lookups go on.
+    LOCK TABLE @extschema@.rsclip_cache IN SHARE ROW EXCLUSIVE MODE;
+    IF older_than IS NOT NULL THEN
+        DELETE FROM @extschema@.rsclip_cache WHERE last_used < now() - older_than;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed + n;
+    END IF;
+    IF max_rows IS NOT NULL THEN
+        DELETE FROM @extschema@.rsclip_cache
+        WHERE ctid = ANY (ARRAY(SELECT ctid FROM @extschema@.rsclip_cache
+                                ORDER BY last_used DESC, created DESC OFFSET max_rows));
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed + n;
+    END IF;
+    RETURN removed;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION rsclip_backfill_report(tbl oid, src name, dst name, kind text, batch_size int,
+                                       rows_total bigint, rows_done bigint, rows_failed bigint, finished boolean)
+    RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF rsclip_backfill_report.finished THEN
+        DELETE FROM @extschema@.rsclip_backfill_state s
+        WHERE s.pid = pg_backend_pid() AND s.tbl = rsclip_backfill_report.tbl AND s.dst = rsclip_backfill_report.dst;
+        RETURN;
+    END IF;
+    DELETE FROM @extschema@.rsclip_backfill_state s
+    WHERE s.pid = pg_backend_pid() AND (s.tbl, s.dst) IS DISTINCT FROM (rsclip_backfill_report.tbl, rsclip_backfill_report.dst);
+    INSERT INTO @extschema@.rsclip_backfill_state AS s
+        (pid, backend_start, tbl, src, dst, kind, batch_size, started, updated, rows_total, rows_done, rows_failed)
+    SELECT pg_backend_pid(), a.backend_start, rsclip_backfill_report.tbl, rsclip_backfill_report.src,
+           rsclip_backfill_report.dst, rsclip_backfill_report.kind, rsclip_backfill_report.batch_size,
+           clock_timestamp(), clock_timestamp(), rsclip_backfill_report.rows_total,
+           rsclip_backfill_report.rows_done, rsclip_backfill_report.rows_failed
+    FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()
+    ON CONFLICT (pid, tbl, dst) DO UPDATE
+        SET updated = clock_timestamp(), rows_done = excluded.rows_done, rows_failed = excluded.rows_failed,
+            started = CASE WHEN s.backend_start = excluded.backend_start THEN s.started ELSE excluded.started END,
+            backend_start = excluded.backend_start, rows_total = excluded.rows_total,
+            batch_size = excluded.batch_size;
+    IF rsclip_backfill_report.rows_done = 0 THEN
+        -- at the start of a backfill, forget those whose backend is gone (the view hides them)
+        DELETE FROM @extschema@.rsclip_backfill_state s
+        WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.pid AND a.backend_start = s.backend_start);
+    END IF;
+END
+$$;
