@@ -7,7 +7,7 @@ PY := $(ENV) "$$RSCLIP_VENV/bin/python"
 ITEST_PORT := $(shell echo $$((25400 + $(PG))))
 FUZZ_SECONDS ?= 30
 
-.PHONY: setup build install lint lint-versions unit pgtest itest test server stop demo bench bench-index real-embeddings bench-cache bench-backfill bench-encode base-model export-env fuzz fixture clean
+.PHONY: setup build install citus lint lint-versions unit pgtest itest test server stop demo bench bench-index real-embeddings bench-cache bench-backfill bench-encode base-model export-env fuzz fixture clean
 
 setup:
 	@bash tools/setup.sh
@@ -45,8 +45,12 @@ pgtest: setup
 	  CARGO_PGRX_TEST_PGDATA="$$RSCLIP_LOCAL/pgrx-test/data-$(PG)" \
 	  cargo pgrx test pg$(PG)
 
+# Citus 14 from source into the PG18 tree, for the multi-node tests (Citus supports PG16-18).
+citus: setup
+	@bash tools/citus.sh
+
 # Integration tests against a real running server (its own cluster, port 554xx).
-itest: install
+itest: install $(if $(filter 18,$(PG)),citus)
 	@$(PY) tools/cluster.py start --pg $(PG) --name itest --port $(ITEST_PORT) >/dev/null
 	@$(ENV) RSCLIP_TEST_URI="postgresql://postgres@127.0.0.1:$(ITEST_PORT)/postgres" RSCLIP_TEST_PG=$(PG) \
 	  "$$RSCLIP_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/integration; rc=$$?; \

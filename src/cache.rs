@@ -241,32 +241,16 @@ fn key_lock_tag(model: &[u8; 32], kind: Kind, input: &[u8; 32]) -> pg_sys::LOCKT
 
 /// Takes the lock `tag` unless that would wait (or the lock table is full).
 fn try_lock_key(tag: &pg_sys::LOCKTAG) -> bool {
-    // SAFETY: a transaction-level lock of the user lock method; on ERROR, abort releases it.
-    let result = unsafe {
-        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
-        {
-            pg_sys::LockAcquireExtended(
-                tag,
-                pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
-                false,
-                true,
-                false,
-                std::ptr::null_mut(),
-            )
-        }
-        #[cfg(feature = "pg18")]
-        {
-            pg_sys::LockAcquireExtended(
-                tag,
-                pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
-                false,
-                true,
-                false,
-                std::ptr::null_mut(),
-                false,
-            )
-        }
-    };
+    let mode = pg_sys::ExclusiveLock as pg_sys::LOCKMODE;
+    let no_local = std::ptr::null_mut();
+    // Transaction-level, don't wait, and no ERROR when the lock table is full (a skipped write).
+    // SAFETY: a lock of the user lock method; on ERROR, abort releases it.
+    #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+    let result = unsafe { pg_sys::LockAcquireExtended(tag, mode, false, true, false, no_local) };
+    // SAFETY: as above (PostgreSQL 18 adds logLockFailure).
+    #[cfg(feature = "pg18")]
+    let result =
+        unsafe { pg_sys::LockAcquireExtended(tag, mode, false, true, false, no_local, false) };
     result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
 }
 

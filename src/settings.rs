@@ -343,18 +343,26 @@ fn reject(detail: &str) -> bool {
     false
 }
 
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn check_cuda_device(
-    newval: *mut *mut std::ffi::c_char,
-    _extra: *mut *mut std::ffi::c_void,
-    _source: pgrx::pg_sys::GucSource::Type,
-) -> bool {
-    // SAFETY: Postgres passes a pointer to the candidate value.
-    match parse_cuda_device(&unsafe { hook_text(*newval) }) {
-        Ok(_) => true,
-        Err(e) => reject(&e),
-    }
+/// A GUC check hook that accepts what `$parse` parses and rejects the rest with its message.
+macro_rules! check_hook {
+    ($name:ident, $parse:path) => {
+        #[pgrx::pg_guard]
+        unsafe extern "C-unwind" fn $name(
+            newval: *mut *mut std::ffi::c_char,
+            _extra: *mut *mut std::ffi::c_void,
+            _source: pgrx::pg_sys::GucSource::Type,
+        ) -> bool {
+            // SAFETY: Postgres passes a pointer to the candidate value.
+            match $parse(&unsafe { hook_text(*newval) }) {
+                Ok(_) => true,
+                Err(e) => reject(&e),
+            }
+        }
+    };
 }
+
+check_hook!(check_cuda_device, parse_cuda_device);
+check_hook!(check_tiff_bands, parse_tiff_bands);
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn assign_cuda_device(
@@ -367,19 +375,6 @@ unsafe extern "C-unwind" fn assign_cuda_device(
         _ => -1,
     };
     CUDA_DEVICE_PARSED.store(parsed, Ordering::Relaxed);
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn check_tiff_bands(
-    newval: *mut *mut std::ffi::c_char,
-    _extra: *mut *mut std::ffi::c_void,
-    _source: pgrx::pg_sys::GucSource::Type,
-) -> bool {
-    // SAFETY: Postgres passes a pointer to the candidate value.
-    match parse_tiff_bands(&unsafe { hook_text(*newval) }) {
-        Ok(_) => true,
-        Err(e) => reject(&e),
-    }
 }
 
 #[pgrx::pg_guard]
