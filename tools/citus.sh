@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds Citus 14.0.1 from source into the embedded PostgreSQL 18 tree (make citus), for the
 # multi-node tests. Idempotent: a second run does nothing. The source is the tarball in
-# ../shared/citus when there is one, else the upstream release; its sha256 is checked either way.
+# ../shared/citus (or $RSCLIP_SHARED/citus) when there is one, else the upstream release; its
+# sha256 is checked either way.
 # Citus 14 supports PostgreSQL 16-18 only, so there is no PG15 build.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -10,7 +11,8 @@ say() { echo "citus: $*"; }
 VERSION=14.0.1
 SHA256=acfa9a77cd84a8e1edab26cca4a71355f39c910c01586da89560e0240d4b05ba
 TARBALL="citus-$VERSION.tar.gz"
-SHARED="$RSCLIP_ROOT/../shared/citus/$TARBALL"
+# RSCLIP_SHARED names the shared folder when it is not beside the checkout.
+SHARED="${RSCLIP_SHARED:-$RSCLIP_ROOT/../shared}/citus/$TARBALL"
 UPSTREAM="https://github.com/citusdata/citus/archive/refs/tags/v$VERSION.tar.gz"
 
 pkglibdir="$("$PG18_CONFIG" --pkglibdir)"
