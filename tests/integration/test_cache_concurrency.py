@@ -128,13 +128,16 @@ def test_sixteen_clients_encoding_overlapping_new_texts(dbname):
         c.execute("SET rsclip.cache = off")
         truth = {t: c.execute("SELECT rsclip_encode_text(%s)::text", (t,)).fetchone()[0] for t in pool}
     errors, latencies, wrong = [], [], []
-    stop = time.monotonic() + seconds
+    ready = threading.Barrier(clients + 1)
+    stop = float("inf")
 
     def client(n):
         rng = random.Random(n)
         try:
             with connect(dbname) as c:
                 c.execute("SET rsclip.cache_lru_size = 0")  # every call goes to the table
+                c.execute("SELECT rsclip_encode_text('warm up')")  # the model loads before the run
+                ready.wait()
                 while time.monotonic() < stop:
                     level = rng.choice(ISOLATION_LEVELS)
                     c.execute(f"BEGIN ISOLATION LEVEL {level}")
@@ -164,8 +167,11 @@ def test_sixteen_clients_encoding_overlapping_new_texts(dbname):
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
     threads.append(threading.Thread(target=monitor))
-    for t in threads:
+    for t in threads[:-1]:
         t.start()
+    ready.wait()
+    stop = time.monotonic() + seconds
+    threads[-1].start()
     for t in threads:
         t.join(timeout=seconds + 60)
     assert not errors, errors[:5]
@@ -173,7 +179,12 @@ def test_sixteen_clients_encoding_overlapping_new_texts(dbname):
     assert not waits, f"lock waits seen: {waits[:5]}"
     assert len(latencies) > 100, len(latencies)
     latencies.sort()
-    assert latencies[-1] < FAST, f"slowest encode {latencies[-1]:.3f} s (median {latencies[len(latencies) // 2]:.4f} s)"
+    p50, p99, worst = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)], latencies[-1]
+    print(f"{len(latencies)} encodes by {clients} clients: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, "
+          f"max {worst * 1e3:.1f} ms")
+    # 16 clients on a 2-core machine queue for the CPU, not for locks: the bound is loose on
+    # purpose, and far below the 0.3 s the transactions they could wait on stay open
+    assert worst < 0.25, f"slowest encode {worst:.3f} s (p50 {p50:.4f} s, p99 {p99:.4f} s)"
     with connect(dbname) as c:
         dupes = c.execute("SELECT count(*) - count(DISTINCT (model, kind, input_sha256)) FROM rsclip_cache").fetchone()[0]
         assert dupes == 0
