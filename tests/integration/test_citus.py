@@ -19,7 +19,9 @@ PORTS = (25530, 25531, 25532)  # coordinator, worker 1, worker 2
 DIMS = 32  # the fixture model's embedding size, so text queries can search the table
 ROWS = 3000
 LISTS = 4
-SETTINGS = ["shared_preload_libraries='citus,rsclip'", f"rsclip.probes={LISTS}",
+# enable_seqscan = off: shards of ~100 rows would rather be scanned, and the tests are about the
+# plans a real table's shards get.
+SETTINGS = ["shared_preload_libraries='citus,rsclip'", f"rsclip.probes={LISTS}", "enable_seqscan=off",
             "max_connections=200", "citus.max_adaptive_executor_pool_size=16"]
 
 
@@ -45,7 +47,7 @@ def citus():
                 for i, v in enumerate(data):
                     copy.write_row((i, ["water", "forest", "urban"][i % 3], "[" + ",".join(map(repr, v.tolist())) + "]"))
             c.execute(f"CREATE INDEX tiles_ip ON tiles USING rsclip (emb embedding_ip_ops) WITH (lists = {LISTS})")
-        yield coordinator, data
+        yield coordinator, data, nodes[1:]
     finally:
         for n in nodes:
             n.stop("immediate")
@@ -61,7 +63,7 @@ SEARCH = "SELECT id FROM tiles ORDER BY emb <#> rsclip_encode_text(%s) LIMIT 10"
 
 
 def test_rsclip_is_on_every_node_and_the_index_on_every_shard(citus):
-    coordinator, _ = citus
+    coordinator, _, _ = citus
     with psycopg.connect(db_uri(coordinator), autocommit=True) as c:
         versions = c.execute("SELECT result FROM run_command_on_workers("
                              "$$SELECT extversion FROM pg_extension WHERE extname = 'rsclip'$$)").fetchall()
@@ -78,7 +80,7 @@ def test_search_with_the_cache_on_never_deadlocks_cold_or_warm(citus, in_transac
     """The shard tasks of one distributed transaction on one worker all encode the same new
     text: with cache writes that waited on each other's uncommitted row, Citus cancelled the
     transaction as a distributed deadlock. Cold cache (a new text), then warm (the same again)."""
-    coordinator, data = citus
+    coordinator, data, _ = citus
     text = f"airport with parked planes {uuid.uuid4().hex}"
     with psycopg.connect(db_uri(coordinator), autocommit=True) as c:
         c.execute("SET statement_timeout = '60s'")
@@ -98,9 +100,40 @@ def test_search_with_the_cache_on_never_deadlocks_cold_or_warm(citus, in_transac
 
 
 def test_explain_shows_per_shard_index_scans(citus):
-    coordinator, _ = citus
+    coordinator, _, _ = citus
     with psycopg.connect(db_uri(coordinator), autocommit=True) as c:
         plan = "\n".join(r[0] for r in c.execute(
             "EXPLAIN (COSTS OFF) " + SEARCH.replace("%s", "'harbour'")))
         assert "Custom Scan (Citus Adaptive)" in plan, plan
         assert "Index Scan using tiles_ip_" in plan, plan
+
+
+ONCE = "SELECT id FROM tiles ORDER BY emb <#> (SELECT rsclip_encode_text(%s)) LIMIT 10"
+
+
+def test_scalar_subquery_form_encodes_once_on_the_coordinator(citus):
+    """`ORDER BY emb <#> (SELECT rsclip_encode_text(...))`: Citus runs the subquery once on the
+    coordinator (a distributed subplan) and ships its result to the shards, which use it as the
+    index scan's run-time key. Shown by taking the model away from the workers: the plain form
+    then fails there, this one does not."""
+    coordinator, data, workers = citus
+    text = f"harbour with cranes {uuid.uuid4().hex}"
+    with psycopg.connect(db_uri(coordinator), autocommit=True) as c:
+        plan = "\n".join(r[0] for r in c.execute("EXPLAIN (COSTS OFF) " + ONCE, (text,)))
+        assert "Distributed Subplan" in plan and "Index Scan using tiles_ip_" in plan, plan
+        want = exact_top(c, data, text)
+    try:
+        for w in workers:
+            with psycopg.connect(db_uri(w), autocommit=True) as wc:
+                wc.execute("ALTER SYSTEM SET rsclip.model_path = '/nonexistent/model'")
+                wc.execute("SELECT pg_reload_conf()")
+        with psycopg.connect(db_uri(coordinator), autocommit=True) as c:
+            c.execute("SET rsclip.cache = off")
+            with pytest.raises(psycopg.Error, match="nonexistent"):
+                c.execute(SEARCH, (text + " plain",))
+            assert {r[0] for r in c.execute(ONCE, (text,))} == want
+    finally:
+        for w in workers:
+            with psycopg.connect(db_uri(w), autocommit=True) as wc:
+                wc.execute("ALTER SYSTEM RESET rsclip.model_path")
+                wc.execute("SELECT pg_reload_conf()")
