@@ -67,7 +67,20 @@ BEGIN
     END IF;
     -- Encoders skip their cache writes while this runs instead of waiting on rows it deletes
     -- (they lock the table conditionally, in a mode this one conflicts with); lookups go on.
-    LOCK TABLE @extschema@.rsclip_cache IN SHARE ROW EXCLUSIVE MODE;
+    -- NOWAIT, retried: a prune queued behind a transaction that holds the table (say, one idle
+    -- after an encode) would make every encoder skip its writes for as long as it waited.
+    FOR attempt IN 1..50 LOOP
+        BEGIN
+            LOCK TABLE @extschema@.rsclip_cache IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+            EXIT;
+        EXCEPTION WHEN lock_not_available THEN
+            IF attempt = 50 THEN
+                RAISE EXCEPTION 'rsclip_cache_prune: rsclip_cache stayed in use for 5 s (open transactions that encoded); try again'
+                    USING ERRCODE = 'lock_not_available';
+            END IF;
+            PERFORM pg_sleep(0.1);
+        END;
+    END LOOP;
     IF older_than IS NOT NULL THEN
         DELETE FROM @extschema@.rsclip_cache WHERE last_used < now() - older_than;
         GET DIAGNOSTICS n = ROW_COUNT;

@@ -87,14 +87,15 @@ pub fn decode_batch(
     let mut results: Vec<Option<Pixels>> = (0..images.len()).map(|_| None).collect();
     let mut pending = images.len();
     while pending > 0 {
+        // every round, not only on a timeout: results arriving faster than the poll interval
+        // must not hold a cancel back until the whole batch is done
+        pgrx::check_for_interrupts!();
         match rx.recv_timeout(INTERRUPT_POLL) {
             Ok((i, r)) => {
                 results[i] = Some(r);
                 pending -= 1;
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                pgrx::check_for_interrupts!();
-            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 // every sender is gone with results missing: a thread panicked
                 for w in workers {

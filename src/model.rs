@@ -90,6 +90,7 @@ fn send_to_model_thread(item: VisionWork) {
                                     work(&mut encoder)
                                 }));
                             let _ = reply.send(out.map(|out| (encoder, out)));
+                            JOBS_IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::Release);
                         }
                     })
             })
@@ -103,7 +104,9 @@ fn send_to_model_thread(item: VisionWork) {
         })
         .clone()
     });
+    JOBS_IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::Acquire);
     if sender.send(item).is_err() {
+        JOBS_IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::Release);
         error(
             PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
             "rsclip: the model thread has stopped",
@@ -332,9 +335,18 @@ fn join_jobs_before_exit() {
     unsafe { pg_sys::on_proc_exit(Some(join_vision_job_at_exit), pg_sys::Datum::from(0)) };
 }
 
+/// Jobs handed to the model thread and not finished. The exit wait counts on this, not on the
+/// model state: a FATAL (termination, a lost client) raised while that state is borrowed, e.g.
+/// in `join_vision`'s interrupt check, exits without unwinding, so the state stays borrowed.
+static JOBS_IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// on_proc_exit callback: waits for a running vision job (and drops its result).
 unsafe extern "C-unwind" fn join_vision_job_at_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
     drop_vision_job_quietly();
+    // Whatever the state's borrow allowed above, no job may outlive the process.
+    while JOBS_IN_FLIGHT.load(std::sync::atomic::Ordering::Acquire) > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Waits for a running vision job and drops its result, for callbacks (exit, abort) that must

@@ -115,6 +115,36 @@ def test_prune_running_makes_writes_skip_not_wait(dbname):
         pruner.execute("COMMIT")
 
 
+def test_prune_does_not_queue_behind_an_open_transaction(dbname):
+    """A prune that waited in the lock queue behind a transaction holding the table (one idle
+    after an encode) would make every encoder skip its writes meanwhile. It retries NOWAIT,
+    writes go on, and after 5 s it gives up with a clear 55P03."""
+    with connect(dbname) as a, connect(dbname) as b, connect(dbname) as pruner:
+        a.execute("BEGIN")
+        a.execute("SELECT rsclip_encode_text(%s)", (new_text("held open"),))
+        outcome = {}
+
+        def prune():
+            try:
+                pruner.execute("SELECT rsclip_cache_prune(older_than => interval '1 year')")
+                outcome["result"] = "pruned"
+            except psycopg.errors.LockNotAvailable as e:
+                outcome["result"] = str(e)
+        t = threading.Thread(target=prune)
+        t0 = time.perf_counter()
+        t.start()
+        time.sleep(0.5)
+        text = new_text("written while the prune retries")
+        _, elapsed = timed(b, "SELECT rsclip_encode_text(%s)", (text,))
+        assert elapsed < FAST
+        assert stats(b)["writes_skipped"] == 0, "the encoder skipped its write behind a queued prune"
+        t.join()
+        assert "stayed in use" in outcome["result"], outcome
+        assert 4.0 < time.perf_counter() - t0 < 15
+        a.execute("COMMIT")
+        assert pruner.execute("SELECT rsclip_cache_prune(older_than => interval '1 year')").fetchone()[0] >= 0
+
+
 ISOLATION_LEVELS = ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"]
 
 

@@ -122,3 +122,31 @@ def test_cancel_interrupts_a_backfill_decode(dbname, image):
         # nothing half-written: the rows are either embedded or still NULL, and a new run finishes
         c.execute("CALL rsclip_backfill('big_tiles', 'img', 'emb', batch_size => 2)")
         assert c.execute("SELECT count(*) FROM big_tiles WHERE emb IS NULL").fetchone()[0] == 0
+
+
+def test_pg_terminate_backend_during_a_backfill_leaves_the_server_up(dbname, image):
+    """Terminated while it waits for the model job of a batch handed over (a FATAL, which
+    exits without unwinding): the backend must still wait for that job before it exits, or
+    ONNX Runtime's destructors run under it and the postmaster restarts every backend."""
+    with connect(dbname) as admin:
+        started = admin.execute("SELECT pg_postmaster_start_time()").fetchone()[0]
+        admin.execute("DROP TABLE IF EXISTS big_tiles_term")
+        admin.execute("CREATE TABLE big_tiles_term (id int PRIMARY KEY, img bytea, emb embedding)")
+        for i in range(6):
+            admin.execute("INSERT INTO big_tiles_term VALUES (%s, %s, NULL)", (i, image))
+    c = connect(dbname)
+    c.execute("SELECT rsclip_encode_text('warm up')")
+    pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+    t = cancel_later(dbname, pid, 1.5, "pg_terminate_backend")
+    t0 = time.perf_counter()
+    with pytest.raises(psycopg.OperationalError):
+        c.execute("CALL rsclip_backfill('big_tiles_term', 'img', 'emb', batch_size => 1)")
+    took = time.perf_counter() - t0
+    t.join()
+    c.close()
+    assert took < 1.5 + 3.0, f"terminated after {took:.2f} s"
+    with connect(dbname) as admin:
+        assert admin.execute("SELECT pg_postmaster_start_time()").fetchone()[0] == started, \
+            "the server restarted: a backend crashed on its way out"
+        gone = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]
+        assert gone == 0
