@@ -273,6 +273,11 @@ pub fn with_model<R>(f: impl FnOnce(&mut Loaded, &mut LoadCounts) -> R) -> R {
         let mut state = cell.borrow_mut();
         let state = &mut *state;
         if state.loaded.as_ref().map(|l| &l.key) != Some(&key) {
+            if let Some(old) = state.loaded.as_mut() {
+                // a job still running on the old session: wait for it interruptibly (dropping
+                // it would wait without checking for interrupts)
+                old.finish_vision_job();
+            }
             state.loaded = None; // drop old sessions first
             let model = ModelDir::open(&key.model_dir).unwrap_or_else(|e| raise_manifest(e));
             let m = &model.manifest;

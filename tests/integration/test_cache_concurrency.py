@@ -185,14 +185,21 @@ def test_sixteen_clients_encoding_overlapping_new_texts(dbname):
         except Exception as e:  # noqa: BLE001 - any error at all fails the test
             errors.append(f"client {n}: {type(e).__name__}: {e}")
 
-    waits = []
+    waits, extends = [], []
 
     def monitor():
         with connect(dbname) as m:
             while time.monotonic() < stop:
                 waits.extend(m.execute(
                     "SELECT pid, wait_event, left(query, 60) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND wait_event_type = 'Lock'").fetchall())
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock' "
+                    # the relation extension lock is held only while a page is added to the
+                    # table, never across a transaction: any concurrent insert meets it, and the
+                    # latency bound below is what shows it costs nothing
+                    "AND wait_event <> 'extend'").fetchall())
+                extends.extend(m.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND wait_event = 'extend'").fetchall())
                 time.sleep(0.01)
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
@@ -211,7 +218,7 @@ def test_sixteen_clients_encoding_overlapping_new_texts(dbname):
     latencies.sort()
     p50, p99, worst = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)], latencies[-1]
     print(f"{len(latencies)} encodes by {clients} clients: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, "
-          f"max {worst * 1e3:.1f} ms")
+          f"max {worst * 1e3:.1f} ms; {len(extends)} samples saw a relation-extension wait")
     # 16 clients on a 2-core machine queue for the CPU, not for locks: the bound is loose on
     # purpose, and far below the 0.3 s the transactions they could wait on stay open
     assert worst < 0.25, f"slowest encode {worst:.3f} s (p50 {p50:.4f} s, p99 {p99:.4f} s)"
