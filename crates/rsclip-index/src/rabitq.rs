@@ -366,6 +366,20 @@ impl QueryQuant {
         self.delta * (2.0 * level_sum as f32 - self.sum_u) * self.inv_sqrt_d
     }
 
+    /// [`QueryQuant::level_term`] of a block's 32 sums at once (the same arithmetic, lane by
+    /// lane: the sums are far below 2³¹, so converting through i32 is exact and vectorizes,
+    /// where u32 → f32 does not before AVX-512).
+    #[inline]
+    pub fn level_terms(
+        &self,
+        sums: &[u32; rsclip_core::fastscan::BLOCK],
+        out: &mut [f32; rsclip_core::fastscan::BLOCK],
+    ) {
+        for (o, &s) in out.iter_mut().zip(sums) {
+            *o = self.delta * (2.0 * (s as i32) as f32 - self.sum_u) * self.inv_sqrt_d;
+        }
+    }
+
     /// The RaBitQ error scale for a query offset of norm `w_norm` from the centroid:
     /// `ε0 · |w| / sqrt(D - 1)` (multiplied by a row's `e1`).
     pub fn eps_for(&self, w_norm: f32) -> f32 {
