@@ -16,6 +16,9 @@
 //! **Order**: exact within the set of probed lists, *provided the RaBitQ bounds hold*. They hold
 //! with high probability (≥ 99.5% of tuples in the estimator test; in end-to-end tests about
 //! 0.2% of returned pairs were out of order — a row whose bound failed comes a little late).
+//! Which rows get their 8-bit refinement is chosen with tighter bounds
+//! ([`crate::rabitq::PRUNE_EPSILON0`]); a row those rule out wrongly still keeps its sound bound
+//! as its key, so that choice costs work, never order.
 //! The order is relaxed across expansions (rows of a later expansion may be closer than rows
 //! already returned). The Postgres glue can therefore return rows without a re-sort (like
 //! ivfflat), or use the executor's reorder queue if strict order is required.
@@ -194,6 +197,11 @@ pub struct Scan {
     /// The smallest key in `deferred` (infinity when empty): no candidate above it may be
     /// popped before `deferred` is moved into `candidates`.
     deferred_min: f32,
+    /// Rows the tight bounds kept from the refinement pass although their sound lower bound
+    /// (their key) is below the refinement threshold: refined only if a scan reaches their key
+    /// (most never are), before they could be re-ranked. Indexes into `gray` by key.
+    gray_heap: BinaryHeap<Reverse<(OrdF32, u32)>>,
+    gray: Vec<Pending>,
     results: BinaryHeap<Reverse<Keyed>>,
     seen: HashSet<Tid, BuildHasherDefault<TidHasher>>,
     /// The [`REFINE_TOP`] smallest refined upper bounds seen so far (a max-heap): a tuple whose
@@ -209,8 +217,9 @@ pub struct Scan {
 }
 
 /// Rows per scan whose bounds the 8-bit refinement tightens (LIMITs up to this many get tight
-/// bounds everywhere; later rows are still exact, just re-ranked from looser bounds).
-pub const REFINE_TOP: usize = 16;
+/// bounds everywhere; later rows are still exact, just re-ranked from looser bounds). 10, the
+/// usual LIMIT: 16 refined 1.5× as many rows on the real set, for LIMIT 10.
+pub const REFINE_TOP: usize = 10;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct OrdF32(f32);
@@ -261,6 +270,8 @@ impl Scan {
             candidates: BinaryHeap::new(),
             deferred: Vec::new(),
             deferred_min: f32::INFINITY,
+            gray_heap: BinaryHeap::new(),
+            gray: Vec::new(),
             results: BinaryHeap::new(),
             seen: HashSet::default(),
             refined_upper: BinaryHeap::with_capacity(REFINE_TOP + 1),
@@ -311,24 +322,41 @@ impl Scan {
         rerank: &mut dyn FnMut(Tid) -> Option<f32>,
     ) -> Result<Option<(Tid, f32)>> {
         loop {
-            if !self.deferred.is_empty()
-                && self
-                    .candidates
-                    .peek()
-                    .is_none_or(|c| c.0.key > self.deferred_min)
-            {
+            let gray_min = self.gray_heap.peek().map(|g| (g.0).0 .0);
+            let active_min = match (self.candidates.peek(), gray_min) {
+                (Some(c), Some(g)) => Some(c.0.key.min(g)),
+                (Some(c), None) => Some(c.0.key),
+                (None, g) => g,
+            };
+            if !self.deferred.is_empty() && active_min.is_none_or(|k| k > self.deferred_min) {
                 self.candidates.extend(self.deferred.drain(..).map(Reverse));
                 self.deferred_min = f32::INFINITY;
             }
             let best_result = self.results.peek().map(|r| r.0);
             let best_candidate = self.candidates.peek().map(|c| c.0);
-            match (best_result, best_candidate) {
-                (Some(r), c) if c.is_none_or(|c| r.key.total_cmp(&c.key) != Ordering::Greater) => {
+            let beats = |k: f32, other: Option<f32>| {
+                other.is_none_or(|o| k.total_cmp(&o) != Ordering::Greater)
+            };
+            if let Some(r) = best_result {
+                if beats(r.key, best_candidate.map(|c| c.key)) && beats(r.key, gray_min) {
                     self.results.pop();
                     self.stats.returned += 1;
                     return Ok(Some((r.tid, r.key)));
                 }
-                (_, Some(c)) => {
+            }
+            if let Some(g) = gray_min {
+                if best_candidate.is_none_or(|c| g < c.key) {
+                    let Reverse((_, at)) = self.gray_heap.pop().expect("peeked");
+                    let m = self.gray[at as usize];
+                    if self.gray_heap.is_empty() {
+                        self.gray.clear();
+                    }
+                    self.refine_one(rel, &m)?;
+                    continue;
+                }
+            }
+            match best_candidate {
+                Some(c) => {
                     self.candidates.pop();
                     if self.seen.insert(c.tid) {
                         self.stats.reranked += 1;
@@ -341,12 +369,12 @@ impl Scan {
                         }
                     }
                 }
-                (None, None) => {
+                None => {
+                    debug_assert!(best_result.is_none() && self.gray_heap.is_empty());
                     if !self.probe_next_batch(rel)? {
                         return Ok(None);
                     }
                 }
-                (Some(_), None) => unreachable!("handled by the first arm"),
             }
         }
     }
@@ -411,10 +439,20 @@ impl Scan {
             cq,
         });
         self.stats.lists_probed += 1;
-        let (eps, qerr, lo) = (qq.eps_for(w_norm), qq.quant_err() + 1e-5 * w_norm, qq.lo());
+        let errs = ErrorScales {
+            eps: qq.eps_for(w_norm),
+            qerr: qq.quant_err() + 1e-5 * w_norm,
+            prune_eps: qq.prune_eps_for(w_norm),
+            prune_qerr: qq.prune_quant_err() + 1e-5 * w_norm,
+        };
+        let lo = qq.lo();
         let mut sums = [0u32; fastscan::BLOCK];
         let mut factors: BlockFactors = [[0f32; fastscan::BLOCK]; 4];
-        let (mut lower, mut upper) = ([0f32; fastscan::BLOCK], [0f32; fastscan::BLOCK]);
+        let mut out = Bounds {
+            key: [0f32; fastscan::BLOCK],
+            lower: [0f32; fastscan::BLOCK],
+            upper: [0f32; fastscan::BLOCK],
+        };
         let mut terms = [0f32; fastscan::BLOCK];
         let mut blk = r.head;
         let mut from = r.head;
@@ -447,30 +485,29 @@ impl Scan {
                         terms: &terms,
                         factors: &factors,
                         lo,
-                        eps,
-                        qerr,
+                        errs,
                         cq,
                         w_norm2,
                     };
                     match metric {
-                        Metric::InnerProduct => bounds.inner_product(&mut lower, &mut upper),
-                        Metric::Cosine => bounds.cosine(&mut lower, &mut upper),
-                        Metric::L2 => bounds.l2(&mut lower, &mut upper),
+                        Metric::InnerProduct => bounds.inner_product(&mut out),
+                        Metric::Cosine => bounds.cosine(&mut out),
+                        Metric::L2 => bounds.l2(&mut out),
                     }
                     // Unused slots never count as the block's smallest bound.
-                    lower[n..].fill(f32::INFINITY);
+                    out.lower[n..].fill(f32::INFINITY);
+                    out.key[n..].fill(f32::INFINITY);
                     self.stats.tuples_estimated += n as u64;
                     let thr = if self.upper_top.len() >= REFINE_TOP {
                         self.upper_top.peek().map_or(f32::INFINITY, |u| u.0)
                     } else {
                         f32::INFINITY
                     };
-                    let min_lower = block_min(&lower);
-                    if min_lower > thr {
+                    if block_min(&out.lower) > thr && block_min(&out.key) > thr {
                         // The whole block waits (most blocks of the farther lists).
-                        self.deferred_min = self.deferred_min.min(min_lower);
+                        self.deferred_min = self.deferred_min.min(block_min(&out.key));
                         self.deferred.extend((0..n).map(|i| Keyed {
-                            key: lower[i],
+                            key: out.key[i],
                             tid: cb.tid(i),
                         }));
                         continue;
@@ -481,20 +518,21 @@ impl Scan {
                         } else {
                             f32::INFINITY
                         };
-                        if lower[i] > thr {
-                            self.defer(lower[i], cb.tid(i));
+                        if out.key[i] > thr {
+                            self.defer(out.key[i], cb.tid(i));
                             continue;
                         }
-                        if upper[i] < thr {
-                            self.upper_top.push(OrdF32(upper[i]));
+                        if out.upper[i] < thr {
+                            self.upper_top.push(OrdF32(out.upper[i]));
                             if self.upper_top.len() > REFINE_TOP {
                                 self.upper_top.pop();
                             }
                         }
                         let (refine_block, refine_offset) = cb.refine(i);
                         self.pending.push(Pending {
-                            lower: lower[i],
-                            upper: upper[i],
+                            key: out.key[i],
+                            lower: out.lower[i],
+                            upper: out.upper[i],
                             tid: cb.tid(i),
                             refine_block,
                             refine_offset,
@@ -543,11 +581,11 @@ impl Scan {
         let mut to_refine = Vec::with_capacity(pending.len() / 4);
         for p in pending.drain(..) {
             if p.lower > threshold {
-                self.defer(p.lower, p.tid);
+                self.skip_refine(p, threshold);
             } else if p.refine_block == INVALID_BLOCK {
                 // Too wide for refinement codes: the 1-bit bound is all there is.
                 self.candidates.push(Reverse(Keyed {
-                    key: p.lower,
+                    key: p.key,
                     tid: p.tid,
                 }));
             } else {
@@ -568,8 +606,6 @@ impl Scan {
         } else {
             REFINE_CHUNK
         };
-        let d = self.meta.padded_dims as usize;
-        let metric = self.meta.metric;
         let mut group: Vec<Pending> = Vec::with_capacity(REFINE_CHUNK);
         let mut at = 0;
         while at < to_refine.len() {
@@ -578,7 +614,7 @@ impl Scan {
             group.clear();
             for p in &to_refine[at..end] {
                 if p.lower > threshold {
-                    self.defer(p.lower, p.tid);
+                    self.skip_refine(*p, threshold);
                 } else {
                     group.push(*p);
                 }
@@ -586,12 +622,8 @@ impl Scan {
             at = end;
             if group.is_empty() {
                 // Sorted by lower bound: everything after is above the threshold too.
-                for p in &to_refine[at..] {
-                    self.deferred_min = self.deferred_min.min(p.lower);
-                    self.deferred.push(Keyed {
-                        key: p.lower,
-                        tid: p.tid,
-                    });
+                for &p in &to_refine[at..] {
+                    self.skip_refine(p, threshold);
                 }
                 break;
             }
@@ -610,57 +642,95 @@ impl Scan {
                 check_block(blk, self.nblocks, META_BLOCK)?;
                 let page = rel.read(blk);
                 self.stats.refine_pages_read += 1;
-                if page.opaque().flags != PAGE_REFINE {
-                    return Err(Error::corrupt(
-                        blk,
-                        format!(
-                            "a code tuple points here for its refinement, but flags are {:#x}",
-                            page.opaque().flags
-                        ),
-                    ));
-                }
                 for m in &group[i..j] {
-                    let Some((off, b)) = find_refine(&page, m.refine_offset, m.tid) else {
-                        // No refinement tuple where the code tuple says (not written by this
-                        // crate's operations): the 1-bit bound still holds.
-                        self.stats.refine_missing += 1;
-                        self.candidates.push(Reverse(Keyed {
-                            key: m.lower,
-                            tid: m.tid,
-                        }));
-                        continue;
-                    };
-                    let rt = RefineTuple::decode(b, d)
-                        .map_err(|e| Error::corrupt(blk, format!("item {off}: {}", e.0)))?;
-                    let lq = &self.list_queries[m.list_query as usize];
-                    let fine =
-                        refine_estimate(rt.lo, rt.delta, rt.codes, &lq.w, lq.w_sum, lq.w_norm);
-                    let (_, fine_lower) = estimate_distance(
-                        metric, fine.value, fine.error, rt.norm, rt.rc, lq.w_norm, lq.cq,
-                    );
-                    let (_, fine_upper) = estimate_distance(
-                        metric,
-                        fine.value,
-                        -fine.error,
-                        rt.norm,
-                        rt.rc,
-                        lq.w_norm,
-                        lq.cq,
-                    );
-                    self.stats.tuples_refined += 1;
-                    self.refined_upper.push(OrdF32(fine_upper));
-                    if self.refined_upper.len() > REFINE_TOP {
-                        self.refined_upper.pop();
-                    }
-                    self.candidates.push(Reverse(Keyed {
-                        key: m.lower.max(fine_lower),
-                        tid: m.tid,
-                    }));
+                    self.refine_member(&page, blk, m)?;
                 }
                 drop(page);
                 i = j;
             }
         }
+        Ok(())
+    }
+
+    /// A row the tight bounds keep from refinement (its tight lower bound is above
+    /// `threshold`): it waits in `deferred` when its key is above `threshold` too, else in the
+    /// gray heap, to be refined if the scan reaches its key.
+    fn skip_refine(&mut self, p: Pending, threshold: f32) {
+        if p.key > threshold || p.refine_block == INVALID_BLOCK {
+            self.defer(p.key, p.tid);
+        } else {
+            self.gray_heap
+                .push(Reverse((OrdF32(p.key), self.gray.len() as u32)));
+            self.gray.push(p);
+        }
+    }
+
+    /// Refines one gray row: a page read of its own.
+    fn refine_one<R: Relation>(&mut self, rel: &R, m: &Pending) -> Result<()> {
+        let blk = m.refine_block;
+        if blk >= self.nblocks {
+            self.nblocks = rel.nblocks();
+        }
+        check_block(blk, self.nblocks, META_BLOCK)?;
+        let page = rel.read(blk);
+        self.stats.refine_pages_read += 1;
+        self.refine_member(&page, blk, m)
+    }
+
+    /// Tightens `m`'s key from its refinement tuple on `page` (block `blk`) and makes it a
+    /// candidate.
+    fn refine_member<P: PageRead>(
+        &mut self,
+        page: &P,
+        blk: BlockNumber,
+        m: &Pending,
+    ) -> Result<()> {
+        if page.opaque().flags != PAGE_REFINE {
+            return Err(Error::corrupt(
+                blk,
+                format!(
+                    "a code tuple points here for its refinement, but flags are {:#x}",
+                    page.opaque().flags
+                ),
+            ));
+        }
+        let Some((off, b)) = find_refine(page, m.refine_offset, m.tid) else {
+            // No refinement tuple where the code tuple says (not written by this crate's
+            // operations): the 1-bit bound still holds.
+            self.stats.refine_missing += 1;
+            self.candidates.push(Reverse(Keyed {
+                key: m.key,
+                tid: m.tid,
+            }));
+            return Ok(());
+        };
+        let d = self.meta.padded_dims as usize;
+        let rt = RefineTuple::decode(b, d)
+            .map_err(|e| Error::corrupt(blk, format!("item {off}: {}", e.0)))?;
+        let lq = &self.list_queries[m.list_query as usize];
+        let fine = refine_estimate(rt.lo, rt.delta, rt.codes, &lq.w, lq.w_sum, lq.w_norm);
+        let metric = self.meta.metric;
+        let (_, fine_lower) = estimate_distance(
+            metric, fine.value, fine.error, rt.norm, rt.rc, lq.w_norm, lq.cq,
+        );
+        let (_, fine_upper) = estimate_distance(
+            metric,
+            fine.value,
+            -fine.error,
+            rt.norm,
+            rt.rc,
+            lq.w_norm,
+            lq.cq,
+        );
+        self.stats.tuples_refined += 1;
+        self.refined_upper.push(OrdF32(fine_upper));
+        if self.refined_upper.len() > REFINE_TOP {
+            self.refined_upper.pop();
+        }
+        self.candidates.push(Reverse(Keyed {
+            key: m.key.max(fine_lower),
+            tid: m.tid,
+        }));
         Ok(())
     }
 }
@@ -678,58 +748,81 @@ fn find_refine<P: PageRead>(page: &P, hint: u16, tid: Tid) -> Option<(u16, &[u8]
 /// The 1-bit bounds of one block's 32 slots, one metric per loop: straight-line arithmetic
 /// without a branch inside, so that each loop vectorizes (a `match` inside the loop kept it
 /// scalar, a fifth of the scan's time). Unused slots are computed and ignored.
+///
+/// Two confidence levels: `key` is the lower bound at [`crate::rabitq::EPSILON0`], which orders
+/// the candidates; `lower` and `upper` are at [`crate::rabitq::PRUNE_EPSILON0`] and only choose
+/// which rows get refined.
 struct BlockBounds<'a> {
     terms: &'a [f32; fastscan::BLOCK],
     factors: &'a BlockFactors,
     lo: f32,
-    eps: f32,
-    qerr: f32,
+    errs: ErrorScales,
     cq: f32,
     w_norm2: f32,
 }
 
+/// The per-list error scales of both confidence levels.
+#[derive(Clone, Copy)]
+struct ErrorScales {
+    eps: f32,
+    qerr: f32,
+    prune_eps: f32,
+    prune_qerr: f32,
+}
+
+/// One block's bounds: see [`BlockBounds`].
+struct Bounds {
+    key: [f32; fastscan::BLOCK],
+    lower: [f32; fastscan::BLOCK],
+    upper: [f32; fastscan::BLOCK],
+}
+
+// Each loop indexes six arrays by slot: plain index loops, which vectorize.
+#[allow(clippy::needless_range_loop)]
 impl BlockBounds<'_> {
-    /// `(t, err)` of slot `i`: the estimate's code-dependent part and its error bound.
+    /// `(t, err, prune_err)` of slot `i`: the estimate's code-dependent part and its error
+    /// bounds at both confidence levels.
     #[inline(always)]
-    fn term(&self, i: usize) -> (f32, f32) {
+    fn term(&self, i: usize) -> (f32, f32, f32) {
         let [_, f1, h, e1] = self.factors;
+        let e = &self.errs;
         (
             f1[i] * self.terms[i] + self.lo * h[i],
-            e1[i] * self.eps + f1[i] * self.qerr,
+            e1[i] * e.eps + f1[i] * e.qerr,
+            e1[i] * e.prune_eps + f1[i] * e.prune_qerr,
         )
     }
 
-    fn inner_product(
-        &self,
-        lower: &mut [f32; fastscan::BLOCK],
-        upper: &mut [f32; fastscan::BLOCK],
-    ) {
+    fn inner_product(&self, out: &mut Bounds) {
         let k0 = &self.factors[0];
         for i in 0..fastscan::BLOCK {
-            let (t, err) = self.term(i);
+            let (t, err, prune_err) = self.term(i);
             let ip = self.cq + k0[i] + t;
-            lower[i] = -(ip + err);
-            upper[i] = -(ip - err);
+            out.key[i] = -(ip + err);
+            out.lower[i] = -(ip + prune_err);
+            out.upper[i] = -(ip - prune_err);
         }
     }
 
-    fn cosine(&self, lower: &mut [f32; fastscan::BLOCK], upper: &mut [f32; fastscan::BLOCK]) {
+    fn cosine(&self, out: &mut Bounds) {
         let k0 = &self.factors[0];
         for i in 0..fastscan::BLOCK {
-            let (t, err) = self.term(i);
+            let (t, err, prune_err) = self.term(i);
             let ip = self.cq + k0[i] + t;
-            lower[i] = 1.0 - (ip + err);
-            upper[i] = 1.0 - (ip - err);
+            out.key[i] = 1.0 - (ip + err);
+            out.lower[i] = 1.0 - (ip + prune_err);
+            out.upper[i] = 1.0 - (ip - prune_err);
         }
     }
 
-    fn l2(&self, lower: &mut [f32; fastscan::BLOCK], upper: &mut [f32; fastscan::BLOCK]) {
+    fn l2(&self, out: &mut Bounds) {
         let k0 = &self.factors[0];
         for i in 0..fastscan::BLOCK {
-            let (t, err) = self.term(i);
+            let (t, err, prune_err) = self.term(i);
             let d2 = k0[i] + self.w_norm2 - 2.0 * t;
-            lower[i] = (d2 - 2.0 * err).max(0.0).sqrt();
-            upper[i] = (d2 + 2.0 * err).max(0.0).sqrt();
+            out.key[i] = (d2 - 2.0 * err).max(0.0).sqrt();
+            out.lower[i] = (d2 - 2.0 * prune_err).max(0.0).sqrt();
+            out.upper[i] = (d2 + 2.0 * prune_err).max(0.0).sqrt();
         }
     }
 }
@@ -772,8 +865,10 @@ struct ListQuery {
 /// A code tuple bounded from its 1-bit code, waiting for the refinement pass.
 #[derive(Clone, Copy, Debug)]
 struct Pending {
+    /// The 1-bit lower bound it is ordered by (at [`crate::rabitq::EPSILON0`]).
+    key: f32,
+    /// The 1-bit bounds that choose whether it is refined (at [`crate::rabitq::PRUNE_EPSILON0`]).
     lower: f32,
-    /// The 1-bit upper bound (infinity once refined, during the refinement pass).
     upper: f32,
     tid: Tid,
     refine_block: BlockNumber,
