@@ -307,6 +307,70 @@ pub struct IndexRelation {
     fork: pg_sys::ForkNumber::Type,
     /// A buffer access strategy (VACUUM's ring) for reading existing pages, or null.
     strategy: pg_sys::BufferAccessStrategy,
+    /// Share-locked reads try the buffer this backend last found the page in first
+    /// ([`RecentBuffers`]).
+    recent: bool,
+}
+
+/// The buffer each index page was last found in by this backend, per relation file and fork.
+///
+/// A scan reads one to three hundred pages, and `ReadBufferExtended` finds each through the
+/// shared buffer-mapping hash table: on the real 100k set that lookup (its cache misses in a
+/// table of every shared buffer) was about a sixth of a query's server time. `ReadRecentBuffer`
+/// pins a remembered buffer after checking, under the buffer header lock, that it still holds
+/// the same page, with no lookup; when the page was evicted or the relation rewritten it says
+/// no and the normal read follows. A stale entry can never be used, so entries are only hints:
+/// they are never invalidated, just replaced.
+struct RecentBuffers {
+    files: Vec<(FileKey, Vec<pg_sys::Buffer>)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileKey {
+    spc: u32,
+    db: u32,
+    rel: u32,
+    fork: pg_sys::ForkNumber::Type,
+}
+
+/// Relation files remembered (a backend scanning more indexes starts over), and pages per file.
+const RECENT_FILES: usize = 16;
+const RECENT_BLOCKS: u32 = 1 << 20;
+
+thread_local! {
+    static RECENT: std::cell::RefCell<RecentBuffers> =
+        const { std::cell::RefCell::new(RecentBuffers { files: Vec::new() }) };
+}
+
+impl RecentBuffers {
+    fn get(&self, key: FileKey, blk: BlockNumber) -> pg_sys::Buffer {
+        self.files
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.get(blk as usize).copied())
+            .unwrap_or(pg_sys::InvalidBuffer as pg_sys::Buffer)
+    }
+
+    fn set(&mut self, key: FileKey, blk: BlockNumber, buffer: pg_sys::Buffer) {
+        if blk >= RECENT_BLOCKS {
+            return;
+        }
+        let at = match self.files.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                if self.files.len() >= RECENT_FILES {
+                    self.files.clear();
+                }
+                self.files.push((key, Vec::new()));
+                self.files.len() - 1
+            }
+        };
+        let v = &mut self.files[at].1;
+        if v.len() <= blk as usize {
+            v.resize(blk as usize + 1, pg_sys::InvalidBuffer as pg_sys::Buffer);
+        }
+        v[blk as usize] = buffer;
+    }
 }
 
 impl IndexRelation {
@@ -318,6 +382,88 @@ impl IndexRelation {
             rel,
             fork,
             strategy: std::ptr::null_mut(),
+            recent: false,
+        }
+    }
+
+    /// [`IndexRelation::new`] for a scan: share-locked reads try the buffer the page was last
+    /// found in first ([`RecentBuffers`]).
+    ///
+    /// # Safety
+    /// As for [`IndexRelation::new`].
+    pub unsafe fn for_scan(rel: pg_sys::Relation, fork: pg_sys::ForkNumber::Type) -> Self {
+        IndexRelation {
+            recent: true,
+            // SAFETY: (caller) as for `new`.
+            ..unsafe { IndexRelation::new(rel, fork) }
+        }
+    }
+
+    fn file_key(&self) -> FileKey {
+        // SAFETY: (new) an open relation's cached physical locator.
+        unsafe {
+            #[cfg(feature = "pg15")]
+            let l = (*self.rel).rd_node;
+            #[cfg(feature = "pg15")]
+            let (spc, db, rel) = (l.spcNode.to_u32(), l.dbNode.to_u32(), l.relNode.to_u32());
+            #[cfg(not(feature = "pg15"))]
+            let l = (*self.rel).rd_locator;
+            #[cfg(not(feature = "pg15"))]
+            let (spc, db, rel) = (l.spcOid.to_u32(), l.dbOid.to_u32(), l.relNumber.to_u32());
+            FileKey {
+                spc,
+                db,
+                rel,
+                fork: self.fork,
+            }
+        }
+    }
+
+    /// A pinned buffer of `blk`: the remembered one when it still holds the page, else read.
+    fn recent_buffer(&self, blk: BlockNumber) -> pg_sys::Buffer {
+        let key = self.file_key();
+        let hint = RECENT.with_borrow(|r| r.get(key, blk));
+        if hint != pg_sys::InvalidBuffer as pg_sys::Buffer {
+            // SAFETY: an open relation; `hint` is a buffer number this backend got from
+            // ReadBufferExtended (valid for the life of the process: the buffer pools never
+            // shrink). ReadRecentBuffer pins it only if its tag is still this page, checked
+            // under the buffer header lock, and otherwise leaves it alone.
+            let hit = unsafe {
+                #[cfg(feature = "pg15")]
+                let locator = (*self.rel).rd_node;
+                #[cfg(not(feature = "pg15"))]
+                let locator = (*self.rel).rd_locator;
+                pg_sys::ReadRecentBuffer(locator, self.fork, blk, hint)
+            };
+            if hit {
+                self.count_hit();
+                return hint;
+            }
+        }
+        let buffer = self.buffer(blk);
+        RECENT.with_borrow_mut(|r| r.set(key, blk, buffer));
+        buffer
+    }
+
+    /// What ReadBufferExtended counts for `pg_statio_*_indexes` on a hit (ReadRecentBuffer,
+    /// which has no relation, counts only the backend's buffer usage).
+    fn count_hit(&self) {
+        // SAFETY: an open relation; `pgstat_info` is null or its live stats entry (set when
+        // the relation is first read with statistics on, as the meta page read did).
+        unsafe {
+            let info = (*self.rel).pgstat_info;
+            if !info.is_null() {
+                #[cfg(feature = "pg15")]
+                {
+                    (*info).t_counts.t_blocks_fetched += 1;
+                    (*info).t_counts.t_blocks_hit += 1;
+                }
+                #[cfg(not(feature = "pg15"))]
+                {
+                    (*info).counts.blocks_fetched += 1;
+                    (*info).counts.blocks_hit += 1;
+                }
+            }
         }
     }
 
@@ -335,6 +481,7 @@ impl IndexRelation {
             rel,
             fork,
             strategy,
+            recent: false,
         }
     }
 
@@ -376,7 +523,11 @@ impl Relation for IndexRelation {
     type Write<'a> = WriteGuard;
 
     fn read(&self, blk: BlockNumber) -> ReadGuard {
-        let buffer = self.buffer(blk);
+        let buffer = if self.recent {
+            self.recent_buffer(blk)
+        } else {
+            self.buffer(blk)
+        };
         // SAFETY: a pinned buffer of this relation.
         unsafe {
             pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_SHARE as i32);

@@ -177,7 +177,7 @@ pub unsafe extern "C-unwind" fn amgettuple(
             state.counted = true;
         }
         let query = state.query.as_deref();
-        let rel = IndexRelation::new(index, pg_sys::ForkNumber::MAIN_FORKNUM);
+        let rel = IndexRelation::for_scan(index, pg_sys::ForkNumber::MAIN_FORKNUM);
         if state.scan.is_none() {
             // Candidate TIDs outlive the index page pins, which is only safe for MVCC snapshots
             // (a TID vacuum recycled meanwhile cannot be visible to one).
