@@ -27,7 +27,7 @@ pub fn register() {
         pg_sys::add_int_reloption(
             kind as _,
             c"lists".as_ptr(),
-            c"Number of IVF lists (0 = rows/300 up to 1M rows, sqrt(rows)*10/3 beyond)".as_ptr(),
+            c"Number of IVF lists (0 = rows/300 up to 30k rows, rising to 1000 at 100k rows, sqrt(10*rows) beyond)".as_ptr(),
             0,
             0,
             MAX_LISTS,

@@ -28,17 +28,23 @@ use crate::format::{
 use crate::page::{fits, Opaque, PageRead, PageWrite, Relation};
 use crate::rabitq::{padded_dims, Rotation};
 use crate::{BlockNumber, Error, Metric, Result, Tid, MAX_DIMS, MAX_LISTS};
-use rsclip_core::distance::{dot, l2_squared};
 
-/// Number of lists for a table of `n_rows` rows: `n_rows / 300` up to one million rows,
-/// `sqrt(n_rows) * 10 / 3` beyond (the two meet at one million); at least 1, at most
-/// [`MAX_LISTS`]. Real sentence embeddings need lists of a few hundred rows for a 0.95 recall at
-/// few probed rows (bench/index.py, real set); rows/1000 was tuned on Gaussian mixtures.
+/// Number of lists for a table of `n_rows` rows: `n_rows / 300` up to 30 000 rows (100 lists),
+/// rising linearly to 1000 lists at 100 000 rows, `sqrt(10 · n_rows)` beyond (3162 at a
+/// million); at least 1, at most [`MAX_LISTS`].
+///
+/// On the real sentence-embedding set (bench/index.py, 100k rows) 1000 lists reached recall@10
+/// 0.95 at about 0.6× the server time of 333 lists: a scan reads fewer rows and pages per probe,
+/// and two-level k-means ([`crate::kmeans::kmeans_two_level`]) keeps the build fast. Small
+/// tables keep lists of about 300 rows: with 100-row lists the 4000-row real set needed more
+/// than the default probes for recall 0.95 (tests/integration/recall.rs).
 pub fn default_lists(n_rows: u64) -> u32 {
-    let l = if n_rows <= 1_000_000 {
+    let l = if n_rows <= 30_000 {
         n_rows / 300
+    } else if n_rows <= 100_000 {
+        100 + (n_rows - 30_000) * 900 / 70_000
     } else {
-        ((n_rows as f64).sqrt() * 10.0 / 3.0) as u64
+        ((n_rows as f64) * 10.0).sqrt() as u64
     };
     l.clamp(1, MAX_LISTS as u64) as u32
 }
@@ -221,41 +227,60 @@ fn append_rows<R: Relation>(
 /// concatenated code and refinement tuples of the rows that have one.
 type EncodedChunk = (Vec<Option<u32>>, Vec<RowCode>, Vec<u8>);
 
-/// Prepares `vector` (normalize, rotate), finds its nearest centroid and encodes its row
-/// (appending its refinement tuple to `refine`); `None` for a zero vector under cosine (not
-/// indexed).
+/// Prepares `vectors` (normalize, rotate), finds each one's nearest centroid and encodes its
+/// row (appending its refinement tuple to `refine`): per input row its list, `None` for a zero
+/// vector under cosine (not indexed), and the code tuples of the rows that have a list. The
+/// nearest centroids are found four rows against four centroids at a time
+/// ([`crate::kmeans::assign`]), with the same result for a row in any batch.
 fn assign_and_encode(
     meta: &Meta,
     rot: &Rotation,
     cents: &[f32],
-    tid: Tid,
-    vector: &[f32],
+    tids: &[Tid],
+    vectors: &[f32],
     refine: &mut Vec<u8>,
-) -> Result<Option<(usize, RowCode)>> {
-    let Some(v) = prepare(meta, rot, vector)? else {
-        return Ok(None);
-    };
+) -> Result<EncodedRows> {
+    let dims = meta.dims as usize;
     let d = meta.padded_dims as usize;
-    let mut best = (f32::INFINITY, 0usize);
-    for (i, c) in cents.chunks_exact(d).enumerate() {
-        let dist = match meta.metric {
-            Metric::L2 => l2_squared(c, &v),
-            _ => -dot(c, &v),
-        };
-        if dist < best.0 {
-            best = (dist, i);
+    if vectors.len() != tids.len() * dims {
+        return Err(Error::DimensionMismatch {
+            expected: meta.dims,
+            got: (vectors.len() / tids.len().max(1)).min(u32::MAX as usize) as u32,
+        });
+    }
+    let mut prepared = Vec::with_capacity(tids.len() * d);
+    let mut present = Vec::with_capacity(tids.len());
+    for v in vectors.chunks_exact(dims) {
+        match prepare(meta, rot, v)? {
+            Some(p) => {
+                prepared.extend_from_slice(&p);
+                present.push(true);
+            }
+            None => present.push(false),
         }
     }
-    let list = best.1;
-    let row = encode_row(
-        meta.metric,
-        refine,
-        tid,
-        &v,
-        &cents[list * d..(list + 1) * d],
-    );
-    Ok(Some((list, row)))
+    let mut best = vec![(0u32, 0f32); prepared.len() / d];
+    crate::kmeans::assign(&prepared, d, cents, meta.metric != Metric::L2, 1, &mut best);
+    let mut lists = Vec::with_capacity(tids.len());
+    let mut rows = Vec::with_capacity(best.len());
+    let mut next = 0;
+    for (&tid, &present) in tids.iter().zip(&present) {
+        if !present {
+            lists.push(None);
+            continue;
+        }
+        let list = best[next].0;
+        let v = &prepared[next * d..(next + 1) * d];
+        next += 1;
+        let c = &cents[list as usize * d..(list as usize + 1) * d];
+        rows.push(encode_row(meta.metric, refine, tid, v, c));
+        lists.push(Some(list));
+    }
+    Ok((lists, rows))
 }
+
+/// What [`assign_and_encode`] returns: each input row's list and the encoded rows.
+type EncodedRows = (Vec<Option<u32>>, Vec<RowCode>);
 
 impl<'r, R: Relation> IndexBuilder<'r, R> {
     /// Start a build into the empty relation `rel` with `centroids` (row-major
@@ -423,10 +448,20 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
     pub fn add(&mut self, tid: Tid, vector: &[f32]) -> Result<AddOutcome> {
         let mut refine = std::mem::take(&mut self.refine_scratch);
         refine.clear();
-        let list = assign_and_encode(&self.meta, &self.rot, &self.cents, tid, vector, &mut refine);
-        let outcome = match list {
-            Ok(Some((list, row))) => self.append_encoded(list, row, &refine),
-            Ok(None) => {
+        let encoded = assign_and_encode(
+            &self.meta,
+            &self.rot,
+            &self.cents,
+            &[tid],
+            vector,
+            &mut refine,
+        );
+        let outcome = match encoded {
+            Ok((lists, mut rows)) if lists[0].is_some() => {
+                let list = lists[0].expect("checked") as usize;
+                self.append_encoded(list, rows.pop().expect("one row per list"), &refine)
+            }
+            Ok(_) => {
                 self.stats.skipped_zero += 1;
                 Ok(AddOutcome::SkippedZeroVector)
             }
@@ -453,15 +488,8 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
         let per_thread = tids.len().div_ceil(threads);
         let (meta, rot, cents) = (&self.meta, &self.rot, &self.cents[..]);
         let encode_chunk = |tids: &[Tid], vectors: &[f32]| -> Result<EncodedChunk> {
-            let mut lists = Vec::with_capacity(tids.len());
-            let (mut rows, mut refine) = (Vec::new(), Vec::new());
-            for (&tid, v) in tids.iter().zip(vectors.chunks_exact(dims)) {
-                let list = assign_and_encode(meta, rot, cents, tid, v, &mut refine)?;
-                lists.push(list.map(|(l, row)| {
-                    rows.push(row);
-                    l as u32
-                }));
-            }
+            let mut refine = Vec::new();
+            let (lists, rows) = assign_and_encode(meta, rot, cents, tids, vectors, &mut refine)?;
             Ok((lists, rows, refine))
         };
         let chunks: Vec<Result<EncodedChunk>> = if threads == 1 {

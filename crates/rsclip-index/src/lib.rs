@@ -47,7 +47,8 @@
 //! assert_eq!(check(&rel).unwrap().tids.len(), 101);
 //! ```
 //!
-//! Defaults: [`default_lists`]`(rows)` = rows/300 up to 1M rows, sqrt(rows)·10/3 beyond (≥ 1);
+//! Defaults: [`default_lists`]`(rows)` = rows/300 up to 30k rows, rising linearly to 1000 at
+//! 100k rows, sqrt(10·rows) beyond (≥ 1);
 //! [`sample_size`]`(lists)` = max(50 × lists, 10 000); [`default_probes`]`(lists)` =
 //! ceil(1.7 · sqrt(lists)) + 1.
 //!
