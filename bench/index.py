@@ -36,7 +36,7 @@ RSCLIP_WITH = ""
 ENGINES = ["rsclip", "hnsw", "ivfflat"]
 
 SWEEPS = {
-    "rsclip": ("rsclip.probes", [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]),
+    "rsclip": ("rsclip.probes", [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024]),
     "hnsw": ("hnsw.ef_search", [10, 16, 24, 40, 64, 100, 160, 256, 400, 640, 1000]),
     "ivfflat": ("ivfflat.probes", [1, 2, 4, 8, 16, 32, 64, 128]),
 }
