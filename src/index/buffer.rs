@@ -399,23 +399,29 @@ impl IndexRelation {
         }
     }
 
-    fn file_key(&self) -> FileKey {
+    /// The relation's physical file, as ReadRecentBuffer takes it.
+    #[cfg(feature = "pg15")]
+    fn locator(&self) -> pg_sys::RelFileNode {
         // SAFETY: (new) an open relation's cached physical locator.
-        unsafe {
-            #[cfg(feature = "pg15")]
-            let l = (*self.rel).rd_node;
-            #[cfg(feature = "pg15")]
-            let (spc, db, rel) = (l.spcNode.to_u32(), l.dbNode.to_u32(), l.relNode.to_u32());
-            #[cfg(not(feature = "pg15"))]
-            let l = (*self.rel).rd_locator;
-            #[cfg(not(feature = "pg15"))]
-            let (spc, db, rel) = (l.spcOid.to_u32(), l.dbOid.to_u32(), l.relNumber.to_u32());
-            FileKey {
-                spc,
-                db,
-                rel,
-                fork: self.fork,
-            }
+        unsafe { (*self.rel).rd_node }
+    }
+    #[cfg(not(feature = "pg15"))]
+    fn locator(&self) -> pg_sys::RelFileLocator {
+        // SAFETY: (new) an open relation's cached physical locator.
+        unsafe { (*self.rel).rd_locator }
+    }
+
+    fn file_key(&self) -> FileKey {
+        let l = self.locator();
+        #[cfg(feature = "pg15")]
+        let (spc, db, rel) = (l.spcNode.to_u32(), l.dbNode.to_u32(), l.relNode.to_u32());
+        #[cfg(not(feature = "pg15"))]
+        let (spc, db, rel) = (l.spcOid.to_u32(), l.dbOid.to_u32(), l.relNumber.to_u32());
+        FileKey {
+            spc,
+            db,
+            rel,
+            fork: self.fork,
         }
     }
 
@@ -428,13 +434,7 @@ impl IndexRelation {
             // ReadBufferExtended (valid for the life of the process: the buffer pools never
             // shrink). ReadRecentBuffer pins it only if its tag is still this page, checked
             // under the buffer header lock, and otherwise leaves it alone.
-            let hit = unsafe {
-                #[cfg(feature = "pg15")]
-                let locator = (*self.rel).rd_node;
-                #[cfg(not(feature = "pg15"))]
-                let locator = (*self.rel).rd_locator;
-                pg_sys::ReadRecentBuffer(locator, self.fork, blk, hint)
-            };
+            let hit = unsafe { pg_sys::ReadRecentBuffer(self.locator(), self.fork, blk, hint) };
             if hit {
                 self.count_hit();
                 return hint;

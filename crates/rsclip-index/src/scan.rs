@@ -494,8 +494,7 @@ impl Scan {
                         Metric::Cosine => bounds.cosine(&mut out),
                         Metric::L2 => bounds.l2(&mut out),
                     }
-                    // Unused slots never count as the block's smallest bound.
-                    out.lower[n..].fill(f32::INFINITY);
+                    // Unused slots never count as the block's smallest key.
                     out.key[n..].fill(f32::INFINITY);
                     self.stats.tuples_estimated += n as u64;
                     let thr = if self.upper_top.len() >= REFINE_TOP {
@@ -503,9 +502,12 @@ impl Scan {
                     } else {
                         f32::INFINITY
                     };
-                    if block_min(&out.lower) > thr && block_min(&out.key) > thr {
+                    // Keys are the looser lower bounds (key <= lower): a block whose smallest
+                    // key is above the threshold has no row to refine.
+                    let key_min = block_min(&out.key);
+                    if key_min > thr {
                         // The whole block waits (most blocks of the farther lists).
-                        self.deferred_min = self.deferred_min.min(block_min(&out.key));
+                        self.deferred_min = self.deferred_min.min(key_min);
                         self.deferred.extend((0..n).map(|i| Keyed {
                             key: out.key[i],
                             tid: cb.tid(i),
@@ -636,12 +638,7 @@ impl Scan {
                 while j < group.len() && group[j].refine_block == blk {
                     j += 1;
                 }
-                if blk >= self.nblocks {
-                    self.nblocks = rel.nblocks();
-                }
-                check_block(blk, self.nblocks, META_BLOCK)?;
-                let page = rel.read(blk);
-                self.stats.refine_pages_read += 1;
+                let page = self.read_refine_page(rel, blk)?;
                 for m in &group[i..j] {
                     self.refine_member(&page, blk, m)?;
                 }
@@ -667,24 +664,23 @@ impl Scan {
 
     /// Refines one gray row: a page read of its own.
     fn refine_one<R: Relation>(&mut self, rel: &R, m: &Pending) -> Result<()> {
-        let blk = m.refine_block;
+        let page = self.read_refine_page(rel, m.refine_block)?;
+        self.refine_member(&page, m.refine_block, m)
+    }
+
+    /// Share-locks refinement page `blk`, checked to be inside the relation and a refinement
+    /// page (a code tuple names it).
+    fn read_refine_page<'a, R: Relation>(
+        &mut self,
+        rel: &'a R,
+        blk: BlockNumber,
+    ) -> Result<R::Read<'a>> {
         if blk >= self.nblocks {
             self.nblocks = rel.nblocks();
         }
         check_block(blk, self.nblocks, META_BLOCK)?;
         let page = rel.read(blk);
         self.stats.refine_pages_read += 1;
-        self.refine_member(&page, blk, m)
-    }
-
-    /// Tightens `m`'s key from its refinement tuple on `page` (block `blk`) and makes it a
-    /// candidate.
-    fn refine_member<P: PageRead>(
-        &mut self,
-        page: &P,
-        blk: BlockNumber,
-        m: &Pending,
-    ) -> Result<()> {
         if page.opaque().flags != PAGE_REFINE {
             return Err(Error::corrupt(
                 blk,
@@ -694,6 +690,17 @@ impl Scan {
                 ),
             ));
         }
+        Ok(page)
+    }
+
+    /// Tightens `m`'s key from its refinement tuple on `page` (block `blk`, read with
+    /// [`Scan::read_refine_page`]) and makes it a candidate.
+    fn refine_member<P: PageRead>(
+        &mut self,
+        page: &P,
+        blk: BlockNumber,
+        m: &Pending,
+    ) -> Result<()> {
         let Some((off, b)) = find_refine(page, m.refine_offset, m.tid) else {
             // No refinement tuple where the code tuple says (not written by this crate's
             // operations): the 1-bit bound still holds.
