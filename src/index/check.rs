@@ -117,8 +117,9 @@ pg_function! {
                     format!("first missing heap TIDs: {}", examples.join(", ")),
                 );
             }
-            // Imbalance: the largest list against the mean. Inserts from a new distribution pile
-            // into the few lists nearest to it; scans that probe them then read long chains.
+            // Imbalance: the largest list against the mean. Inserts from a new distribution go to
+            // the lists nearest to it, up to list_page_limit pages, then start new lists
+            // (lists_added), which are weaker than trained ones: REINDEX restores both.
             let total: u64 = report.list_sizes.iter().sum();
             let largest = report.list_sizes.iter().copied().max().unwrap_or(0);
             let mean = total as f64 / report.list_sizes.len().max(1) as f64;
@@ -128,6 +129,9 @@ pg_function! {
                 "dims": report.dims,
                 "metric": format!("{:?}", report.metric),
                 "lists": report.nlists,
+                "built_lists": report.built_lists,
+                "lists_added": report.nlists - report.built_lists,
+                "list_page_limit": report.list_page_limit,
                 "pages": report.nblocks,
                 "centroid_pages": report.centroid_pages,
                 "list_pages": report.list_pages,

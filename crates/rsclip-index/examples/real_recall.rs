@@ -5,6 +5,11 @@
 //!
 //!     cargo run --release -p rsclip-index --example real_recall -- \
 //!         local/real-embeddings 100000 300 lists=1000 probes=16,32,64
+//!
+//! `insert=F` builds over the first (1 − F) of the rows and inserts the rest one by one (the
+//! same distribution); `shift=F` instead inserts the fraction F of rows farthest along a fixed
+//! random direction, a topic the build never saw (drift). Both print the lists inserts added
+//! and the longest chain; probes=0 means the default for the final list count.
 use rsclip_index::page::memory::MemoryRelation;
 use rsclip_index::page::Relation;
 use rsclip_index::*;
@@ -47,6 +52,8 @@ fn main() {
     let mut threads = 2usize;
     // repeat=N runs each sweep point N times over the queries, so that a profile is the scan's
     let mut repeat = 1usize;
+    // (shifted, fraction) of the rows inserted after the build
+    let mut late = (false, 0f64);
     for a in &args[4..] {
         if let Some(v) = a.strip_prefix("lists=") {
             lists = v.parse().unwrap();
@@ -56,6 +63,10 @@ fn main() {
             threads = v.parse().unwrap();
         } else if let Some(v) = a.strip_prefix("repeat=") {
             repeat = v.parse().unwrap();
+        } else if let Some(v) = a.strip_prefix("insert=") {
+            late = (false, v.parse().unwrap());
+        } else if let Some(v) = a.strip_prefix("shift=") {
+            late = (true, v.parse().unwrap());
         }
     }
     let mut all = Vec::new();
@@ -107,16 +118,32 @@ fn main() {
         }
     };
     eprintln!("ground truth in {:.1?}", t.elapsed());
+    // Row order: the build's rows, then the inserted ones.
+    let mut order: Vec<usize> = (0..rows).collect();
+    if late.0 {
+        let mut rng = rsclip_index::rng::Rng::new(99);
+        let u: Vec<f32> = (0..dims).map(|_| rng.gaussian() as f32).collect();
+        let along: Vec<f32> = base
+            .chunks_exact(dims)
+            .map(|x| x.iter().zip(&u).map(|(a, b)| a * b).sum())
+            .collect();
+        order.sort_by(|&a, &b| along[a].total_cmp(&along[b]));
+    }
+    let n_late = (rows as f64 * late.1) as usize;
+    let n_build = rows - n_late;
     let lists = if lists == 0 {
-        default_lists(rows as u64)
+        default_lists(n_build as u64)
     } else {
         lists
     };
     let t = Instant::now();
-    let ssize = sample_size(lists).min(rows);
-    let step = rows / ssize;
+    let ssize = sample_size(lists).min(n_build);
+    let step = n_build / ssize;
     let sample: Vec<f32> = (0..ssize)
-        .flat_map(|i| base[i * step * dims..(i * step + 1) * dims].iter().copied())
+        .flat_map(|i| {
+            let r = order[i * step];
+            base[r * dims..(r + 1) * dims].iter().copied()
+        })
         .collect();
     let cents = train_centroids(metric, &sample, dims, lists, 42, threads).unwrap();
     let train = t.elapsed();
@@ -134,8 +161,13 @@ fn main() {
             offset: (i % 100) as u16 + 1,
         })
         .collect();
-    for (ct, cv) in tids.chunks(2048).zip(base.chunks(2048 * dims)) {
-        b.add_batch(ct, cv, threads).unwrap();
+    for ids in order[..n_build].chunks(2048) {
+        let ct: Vec<Tid> = ids.iter().map(|&i| tids[i]).collect();
+        let cv: Vec<f32> = ids
+            .iter()
+            .flat_map(|&i| base[i * dims..(i + 1) * dims].iter().copied())
+            .collect();
+        b.add_batch(&ct, &cv, threads).unwrap();
     }
     b.finish().unwrap();
     eprintln!(
@@ -143,6 +175,35 @@ fn main() {
         t.elapsed(),
         rel.nblocks()
     );
+    if n_late > 0 {
+        let t = Instant::now();
+        for &i in &order[n_build..] {
+            insert(&rel, tids[i], &base[i * dims..(i + 1) * dims]).unwrap();
+        }
+        let rep = check(&rel).unwrap();
+        let largest = *rep.list_sizes.iter().max().unwrap() as f64;
+        eprintln!(
+            "inserted {n_late} rows ({}) in {:.1?}: lists {} -> {}, longest chain {} pages \
+             (bound {}), largest list {:.1}x the mean",
+            if late.0 {
+                "shifted"
+            } else {
+                "same distribution"
+            },
+            t.elapsed(),
+            rep.built_lists,
+            rep.nlists,
+            rep.longest_chain,
+            rep.list_page_limit,
+            largest * rep.nlists as f64 / rows as f64
+        );
+    }
+    let lists = rsclip_index::read_meta(&rel).unwrap().nlists;
+    for p in probes_list.iter_mut() {
+        if *p == 0 {
+            *p = default_probes(lists);
+        }
+    }
     let cent = std::sync::Arc::new(Centroids::read(&rel).unwrap());
     for &probes in &probes_list {
         let (mut hits, mut st) = (0usize, ScanStats::default());

@@ -110,6 +110,8 @@ pub struct IndexBuilder<'r, R: Relation> {
     stats: BuildStats,
     refine_scratch: Vec<u8>,
     placed: Vec<(BlockNumber, u16)>,
+    /// Sum of the written rows' `f1` ([`Meta::build_mean_f1`]).
+    f1_sum: f64,
 }
 
 /// Append whole tuples (`data` is a concatenation of `tsize`-byte tuples) to the chain of
@@ -354,10 +356,12 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
             nlists: nlists as u32,
             seed: params.seed,
             rounds: ROTATION_ROUNDS,
-            first_centroid_block: 1,
+            // Known before the pages exist: the layout puts it after the 2 × nlists heads.
+            first_centroid_block: 1 + 2 * nlists as u32,
             first_list_block: 1,
             build_tuples: 0,
             build_skipped: 0,
+            build_mean_f1: 0.0,
         };
         w.add_item(&meta.encode())
             .ok_or_else(|| Error::corrupt(META_BLOCK, "meta item does not fit"))?;
@@ -398,6 +402,7 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
                 let item = encode_centroid_chunk(
                     list as u32,
                     heads[list],
+                    0,
                     start as u32,
                     &c[start..start + n],
                 );
@@ -427,6 +432,7 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
             },
             refine_scratch: Vec::new(),
             placed: Vec::new(),
+            f1_sum: 0.0,
         };
         builder.write_meta()?;
         Ok(builder)
@@ -542,6 +548,7 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
     fn append_encoded(&mut self, list: usize, row: RowCode, refine: &[u8]) -> Result<AddOutcome> {
         // What a buffered row costs: its slot and code, its Vec, its refinement bytes.
         self.buffered += SLOT_BYTES + row.bits.len() * 8 + 48 + refine.len();
+        self.f1_sum += row.factors.f1 as f64;
         self.buffers[list].push(row);
         self.refine_buffers[list].extend_from_slice(refine);
         self.stats.tuples += 1;
@@ -595,6 +602,9 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
         }
         self.meta.build_tuples = self.stats.tuples;
         self.meta.build_skipped = self.stats.skipped_zero;
+        if self.stats.tuples > 0 {
+            self.meta.build_mean_f1 = (self.f1_sum / self.stats.tuples as f64) as f32;
+        }
         self.write_meta()?;
         self.stats.nblocks = self.rel.nblocks();
         Ok(self.stats)

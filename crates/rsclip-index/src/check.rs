@@ -7,7 +7,7 @@
 //! verify that every live heap row is reachable. Pages in no chain (orphans, e.g. left by a
 //! crash between an extension and its link) are counted, not treated as corruption.
 
-use crate::common::{check_block, read_meta, walk_centroids, PageCopy};
+use crate::common::{check_block, read_meta, walk_centroids, ListHeads, PageCopy};
 use crate::format::{CodeBlock, RefineTuple, META_BLOCK, PAGE_LIST, PAGE_REFINE};
 use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK};
 
@@ -20,6 +20,11 @@ pub struct CheckReport {
     pub metric: Metric,
     /// Number of lists.
     pub nlists: u32,
+    /// Lists the build made (the rest were added by inserts when lists filled up).
+    pub built_lists: u32,
+    /// Pages a list's code chain may reach before inserts start new lists beside it
+    /// ([`crate::insert::list_page_limit`]).
+    pub list_page_limit: u32,
     /// Pages in the relation.
     pub nblocks: BlockNumber,
     /// Pages of the centroid chain.
@@ -66,8 +71,8 @@ pub fn check<R: crate::page::Relation>(rel: &R) -> Result<CheckReport> {
         rel,
         &meta,
         |b| centroid_blocks.push(b),
-        |_, head, _| {
-            heads.push(head);
+        |_, h, _| {
+            heads.push(h);
             Ok(())
         },
     )?;
@@ -81,6 +86,8 @@ pub fn check<R: crate::page::Relation>(rel: &R) -> Result<CheckReport> {
         dims: meta.dims,
         metric: meta.metric,
         nlists: meta.nlists,
+        built_lists: meta.built_lists(),
+        list_page_limit: crate::insert::list_page_limit(&meta, rel.nblocks()),
         nblocks: 0,
         centroid_pages: centroid_blocks.len() as u32,
         list_pages: 0,
@@ -96,13 +103,14 @@ pub fn check<R: crate::page::Relation>(rel: &R) -> Result<CheckReport> {
     };
     let mut page = PageCopy::default();
     let (mut refs, mut have) = (Vec::new(), Vec::new());
-    for (list, &head) in heads.iter().enumerate() {
-        let refine_head = meta.refine_head(head).ok_or_else(|| {
-            Error::corrupt(
-                head,
-                format!("list {list} has a head that is no list head block"),
-            )
-        })?;
+    for (
+        list,
+        &ListHeads {
+            code: head,
+            refine: refine_head,
+        },
+    ) in heads.iter().enumerate()
+    {
         refs.clear();
         have.clear();
         let mut count = 0u64;

@@ -201,49 +201,116 @@ pub(crate) fn encode_row(
     }
 }
 
-/// Add `row` to the code chain starting at `head`: into the last block of the first page whose
-/// blocks have a free slot, or as a new block on the first page with room for one, else on a
-/// new page linked at the tail. Same locking as [`append_to_chain`].
-pub(crate) fn append_row_to_chain<R: Relation>(
+fn expect_list_page(flags: u16, blk: BlockNumber) -> Result<()> {
+    if flags != PAGE_LIST {
+        return Err(Error::corrupt(
+            blk,
+            format!("expected a list page, flags are {flags:#x}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Where a code page can take one more row: a block with a free slot (its offset; VACUUM
+/// leaves slots free in any block), or room for a new block (`Some(None)`); `None` when it is
+/// full.
+fn code_page_room(
+    page: &dyn PageReadDyn,
+    blk: BlockNumber,
+    d: usize,
+) -> Result<Option<Option<u16>>> {
+    for off in (1..=page.max_offset_dyn()).rev() {
+        if let Some(b) = page.item_dyn(off) {
+            let cb = CodeBlock::decode(b, d)
+                .map_err(|e| Error::corrupt(blk, format!("item {off}: {}", e.0)))?;
+            if cb.len() < block_rows(d) {
+                return Ok(Some(Some(off)));
+            }
+        }
+    }
+    Ok(page.fits_dyn(block_size(d)).then_some(None))
+}
+
+/// Where a code chain can take one more row, as a walk under share locks found it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct CodeRoom {
+    /// The first page with room, or the tail when no page has any.
+    pub block: BlockNumber,
+    /// Pages walked, `block` included (the chain's length when it is full).
+    pub pages: u32,
+    /// Whether no page had room: adding the row extends the chain.
+    pub full: bool,
+    /// Rows on the pages walked.
+    pub rows_seen: u64,
+    /// Their mean `f1` (`|r| / <ō, o>`, nearly proportional to the residual norm: `<ō, o>`
+    /// barely varies in many dimensions), 0 when none.
+    pub mean_f1: f32,
+}
+
+/// Walks the code chain from `head` to its first page with room for a row.
+pub(crate) fn find_code_room<R: Relation>(
     rel: &R,
     head: BlockNumber,
     d: usize,
-    row: &RowCode,
-) -> Result<()> {
-    let cap = block_rows(d);
-    let bsize = block_size(d);
-    let expect = |f: u16, blk: BlockNumber| -> Result<()> {
-        if f != PAGE_LIST {
-            return Err(Error::corrupt(
-                blk,
-                format!("expected a list page, flags are {f:#x}"),
-            ));
-        }
-        Ok(())
-    };
-    // Where a page can take the row: a block with a free slot (its offset), or a new block.
-    let room = |page: &dyn PageReadDyn, blk: BlockNumber| -> Result<Option<Option<u16>>> {
-        let last = page.max_offset_dyn();
-        if last > 0 {
-            if let Some(b) = page.item_dyn(last) {
-                let cb = CodeBlock::decode(b, d)
-                    .map_err(|e| Error::corrupt(blk, format!("item {last}: {}", e.0)))?;
-                if cb.len() < cap {
-                    return Ok(Some(Some(last)));
-                }
-            }
-        }
-        Ok(page.fits_dyn(bsize).then_some(None))
-    };
+) -> Result<CodeRoom> {
     let mut blk = head;
     let mut from = head;
     let mut walk = ChainWalk::new(rel, head);
+    let mut pages = 0u32;
+    let (mut rows, mut f1_sum) = (0u64, 0f64);
+    loop {
+        walk.step(rel, blk, from)?;
+        pages += 1;
+        let (room, next) = {
+            let page = rel.read(blk);
+            expect_list_page(page.opaque().flags, blk)?;
+            for off in 1..=page.max_offset() {
+                if let Some(b) = page.item(off) {
+                    let cb = CodeBlock::decode(b, d)
+                        .map_err(|e| Error::corrupt(blk, format!("item {off}: {}", e.0)))?;
+                    rows += cb.len() as u64;
+                    f1_sum += (0..cb.len()).map(|i| cb.factors(i).f1 as f64).sum::<f64>();
+                }
+            }
+            (code_page_room(&page, blk, d)?, page.opaque().next)
+        };
+        if room.is_some() || next == INVALID_BLOCK {
+            return Ok(CodeRoom {
+                block: blk,
+                pages,
+                full: room.is_none(),
+                rows_seen: rows,
+                mean_f1: if rows == 0 {
+                    0.0
+                } else {
+                    (f1_sum / rows as f64) as f32
+                },
+            });
+        }
+        from = blk;
+        blk = next;
+    }
+}
+
+/// Add `row` to a code chain, walking it from `start` (its head, or any page of it: pages never
+/// leave a chain): into the last block of the first page whose blocks have a free slot, or as
+/// a new block on the first page with room for one, else on a new page linked at the tail.
+/// Same locking as [`append_to_chain`].
+pub(crate) fn append_row_to_chain<R: Relation>(
+    rel: &R,
+    start: BlockNumber,
+    d: usize,
+    row: &RowCode,
+) -> Result<()> {
+    let mut blk = start;
+    let mut from = start;
+    let mut walk = ChainWalk::new(rel, start);
     loop {
         walk.step(rel, blk, from)?;
         let (r, next) = {
             let page = rel.read(blk);
-            expect(page.opaque().flags, blk)?;
-            (room(&page, blk)?, page.opaque().next)
+            expect_list_page(page.opaque().flags, blk)?;
+            (code_page_room(&page, blk, d)?, page.opaque().next)
         };
         if r.is_none() && next != INVALID_BLOCK {
             from = blk;
@@ -252,8 +319,8 @@ pub(crate) fn append_row_to_chain<R: Relation>(
         }
         let mut w = rel.write(blk);
         let o = w.opaque();
-        expect(o.flags, blk)?;
-        match room(&w, blk)? {
+        expect_list_page(o.flags, blk)?;
+        match code_page_room(&w, blk, d)? {
             Some(Some(off)) => {
                 let b = w
                     .item_mut(off)
@@ -379,25 +446,39 @@ pub(crate) fn append_to_chain<R: Relation>(
     }
 }
 
-/// Walk the centroid chain: call `on_page` for each page and `f(list, head, centroid)` for
-/// each complete (rotated) centroid, in list order. Validates the chain completely.
+/// The head pages of one list's two chains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ListHeads {
+    /// Head of the code chain.
+    pub code: BlockNumber,
+    /// Head of the refinement chain.
+    pub refine: BlockNumber,
+}
+
+/// Walk the centroid chain: call `on_page` for each page and `f(list, heads, centroid)` for
+/// each complete (rotated) centroid, in list order, up to the meta page's list count. Items
+/// past that count are a list being added (or one a crash interrupted, see
+/// [`crate::insert()`]) and are not read. Validates what it reads.
 pub(crate) fn walk_centroids<R: Relation>(
     rel: &R,
     meta: &Meta,
     mut on_page: impl FnMut(BlockNumber),
-    mut f: impl FnMut(u32, BlockNumber, &[f32]) -> Result<()>,
+    mut f: impl FnMut(u32, ListHeads, &[f32]) -> Result<()>,
 ) -> Result<()> {
     let d = meta.padded_dims as usize;
     let nb = rel.nblocks();
     let mut buf = vec![0f32; d];
     let mut filled = 0usize;
     let mut list = 0u32;
-    let mut head = INVALID_BLOCK;
+    let mut heads = ListHeads {
+        code: INVALID_BLOCK,
+        refine: INVALID_BLOCK,
+    };
     let mut blk = meta.first_centroid_block;
     let mut from = META_BLOCK;
     let mut steps = 0u32;
     let mut page = PageCopy::default();
-    while blk != INVALID_BLOCK {
+    while blk != INVALID_BLOCK && list < meta.nlists {
         check_block(blk, nb, from)?;
         steps += 1;
         if steps > nb {
@@ -415,13 +496,13 @@ pub(crate) fn walk_centroids<R: Relation>(
             ));
         }
         for i in 0..page.len() {
+            if list >= meta.nlists {
+                break;
+            }
             let bytes = page
                 .item(i)
                 .ok_or_else(|| Error::corrupt(blk, format!("centroid item {} unused", i + 1)))?;
             let ch = CentroidChunk::decode(bytes).map_err(|e| Error::corrupt(blk, e.0))?;
-            if list >= meta.nlists {
-                return Err(Error::corrupt(blk, "more centroids than lists"));
-            }
             if ch.list != list || ch.start as usize != filled {
                 return Err(Error::corrupt(
                     blk,
@@ -432,9 +513,31 @@ pub(crate) fn walk_centroids<R: Relation>(
                 ));
             }
             if filled == 0 {
-                head = ch.head;
-                check_block(head, nb, blk)?;
-            } else if ch.head != head {
+                check_block(ch.head, nb, blk)?;
+                let refine = if list < meta.built_lists() {
+                    if ch.refine_head != 0 {
+                        return Err(Error::corrupt(
+                            blk,
+                            format!("built list {list} names a refinement head"),
+                        ));
+                    }
+                    meta.refine_head(ch.head).ok_or_else(|| {
+                        Error::corrupt(
+                            blk,
+                            format!("list {list} has a head that is no list head block"),
+                        )
+                    })?
+                } else {
+                    check_block(ch.refine_head, nb, blk)?;
+                    ch.refine_head
+                };
+                heads = ListHeads {
+                    code: ch.head,
+                    refine,
+                };
+            } else if ch.head != heads.code
+                || (list >= meta.built_lists() && ch.refine_head != heads.refine)
+            {
                 return Err(Error::corrupt(
                     blk,
                     "centroid chunks disagree on the list head",
@@ -447,7 +550,7 @@ pub(crate) fn walk_centroids<R: Relation>(
                 .map_err(|e| Error::corrupt(blk, e.0))?;
             filled += ch.len();
             if filled == d {
-                f(list, head, &buf)?;
+                f(list, heads, &buf)?;
                 list += 1;
                 filled = 0;
             }
@@ -455,7 +558,7 @@ pub(crate) fn walk_centroids<R: Relation>(
         from = blk;
         blk = page.opaque().next;
     }
-    if list != meta.nlists || filled != 0 {
+    if list != meta.nlists {
         return Err(Error::corrupt(
             meta.first_centroid_block,
             format!(

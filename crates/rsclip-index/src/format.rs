@@ -32,7 +32,7 @@
 //! | 32 | u32 | rotation rounds |
 //! | 36 | u32 | first centroid block |
 //! | 40 | u32 | first list head block |
-//! | 44 | u32 | reserved (0) |
+//! | 44 | f32 | mean `f1` of the rows the build wrote (about their mean residual norm; 0 when none), see [`crate::insert()`] |
 //! | 48 | u64 | tuples indexed by the build |
 //! | 56 | u64 | zero vectors skipped by the build (cosine) |
 //!
@@ -46,7 +46,7 @@
 //! | 0  | u32 | list number |
 //! | 4  | u32 | head block of the list's code chain |
 //! | 8  | u32 | index of the first float of this chunk within the centroid |
-//! | 12 | u32 | reserved (0) |
+//! | 12 | u32 | head block of the list's refinement chain; 0 for a built list (its head follows from the layout, see [`Meta::refine_head`]) |
 //! | 16 | f32 × n | centroid coordinates `start .. start + n` |
 //!
 //! ## Code block (8 + 32 · (28 + D/8) bytes: 2440 for 384 dimensions, three per page)
@@ -161,7 +161,7 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 }
 
 /// The meta page contents.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Meta {
     /// Dimensions of the indexed vectors.
     pub dims: u32,
@@ -183,17 +183,33 @@ pub struct Meta {
     pub build_tuples: u64,
     /// Zero vectors skipped by the build (cosine).
     pub build_skipped: u64,
+    /// Mean `f1` (nearly proportional to the residual norm) of the rows the build wrote: how
+    /// far a row usually is from its list's centroid. 0 when the build wrote none.
+    pub build_mean_f1: f32,
 }
+
+// `build_mean_f1` is finite in every decoded or built meta page, so equality is an equivalence.
+impl Eq for Meta {}
 
 impl Meta {
     /// Encoded size.
     pub const SIZE: usize = 64;
 
-    /// Head of the refinement chain of the list whose code chain starts at `head`, or `None`
-    /// when `head` is not a list head of this layout.
+    /// Lists the build made (later lists are added by inserts, see [`crate::insert()`]): the
+    /// build lays out their code heads, then their refinement heads, then the centroid chain.
+    pub fn built_lists(&self) -> u32 {
+        self.first_centroid_block
+            .saturating_sub(self.first_list_block)
+            / 2
+    }
+
+    /// Head of the refinement chain of the built list whose code chain starts at `head`, or
+    /// `None` when `head` is not a built list's head (a list added later names its refinement
+    /// head in its centroid item).
     pub fn refine_head(&self, head: BlockNumber) -> Option<BlockNumber> {
+        let built = self.built_lists();
         let i = head.checked_sub(self.first_list_block)?;
-        (i < self.nlists).then(|| head + self.nlists)
+        (i < built).then(|| head + built)
     }
 
     /// Encode as the meta item.
@@ -209,6 +225,7 @@ impl Meta {
         b[32..36].copy_from_slice(&self.rounds.to_le_bytes());
         b[36..40].copy_from_slice(&self.first_centroid_block.to_le_bytes());
         b[40..44].copy_from_slice(&self.first_list_block.to_le_bytes());
+        b[44..48].copy_from_slice(&self.build_mean_f1.to_le_bytes());
         b[48..56].copy_from_slice(&self.build_tuples.to_le_bytes());
         b[56..64].copy_from_slice(&self.build_skipped.to_le_bytes());
         b
@@ -268,12 +285,20 @@ impl Meta {
                 return err(format!("invalid first {name} block {blk}"));
             }
         }
-        if u32_at(b, 44) != 0 {
-            return err("reserved meta field is not zero");
+        let build_mean_f1 = f32::from_bits(u32_at(b, 44));
+        if !(build_mean_f1.is_finite() && build_mean_f1 >= 0.0) {
+            return err(format!("invalid mean residual {build_mean_f1}"));
         }
         if (first_list_block as u64) + 2 * nlists as u64 > INVALID_BLOCK as u64 {
             return err(format!(
                 "first list block {first_list_block} leaves no room for {nlists} lists"
+            ));
+        }
+        let built = first_centroid_block.checked_sub(first_list_block);
+        if !built.is_some_and(|b| b >= 2 && b.is_multiple_of(2) && b / 2 <= nlists) {
+            return err(format!(
+                "centroid chain at block {first_centroid_block} does not follow the heads of \
+                 at most {nlists} lists from block {first_list_block}"
             ));
         }
         Ok(Meta {
@@ -287,6 +312,7 @@ impl Meta {
             first_list_block,
             build_tuples: u64_at(b, 48),
             build_skipped: u64_at(b, 56),
+            build_mean_f1,
         })
     }
 }
@@ -300,6 +326,9 @@ pub struct CentroidChunk<'a> {
     pub head: BlockNumber,
     /// Index of the first float of the chunk.
     pub start: u32,
+    /// Head block of the list's refinement chain for a list added after the build; 0 for a
+    /// built list, whose refinement head follows from the layout ([`Meta::refine_head`]).
+    pub refine_head: BlockNumber,
     raw: &'a [u8],
 }
 
@@ -331,25 +360,29 @@ impl<'a> CentroidChunk<'a> {
         if b.len() < CENTROID_HEADER + 4 || !(b.len() - CENTROID_HEADER).is_multiple_of(4) {
             return err(format!("centroid item has invalid length {}", b.len()));
         }
-        if u32_at(b, 12) != 0 {
-            return err("reserved centroid field is not zero");
-        }
         Ok(CentroidChunk {
             list: u32_at(b, 0),
             head: u32_at(b, 4),
             start: u32_at(b, 8),
+            refine_head: u32_at(b, 12),
             raw: &b[CENTROID_HEADER..],
         })
     }
 }
 
-/// Encode a centroid chunk item.
-pub fn encode_centroid_chunk(list: u32, head: BlockNumber, start: u32, floats: &[f32]) -> Vec<u8> {
+/// Encode a centroid chunk item (`refine_head` 0 for a built list).
+pub fn encode_centroid_chunk(
+    list: u32,
+    head: BlockNumber,
+    refine_head: BlockNumber,
+    start: u32,
+    floats: &[f32],
+) -> Vec<u8> {
     let mut b = Vec::with_capacity(CENTROID_HEADER + 4 * floats.len());
     b.extend_from_slice(&list.to_le_bytes());
     b.extend_from_slice(&head.to_le_bytes());
     b.extend_from_slice(&start.to_le_bytes());
-    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&refine_head.to_le_bytes());
     for f in floats {
         b.extend_from_slice(&f.to_le_bytes());
     }
@@ -761,6 +794,7 @@ mod tests {
             first_list_block: 1,
             build_tuples: 12345,
             build_skipped: 3,
+            build_mean_f1: 0.75,
         }
     }
 
@@ -779,7 +813,8 @@ mod tests {
             (20, 0),
             (32, 0),
             (36, 0),
-            (44, 1),
+            (44, f32::NAN.to_bits()),
+            (44, (-1f32).to_bits()),
         ] {
             let mut c = b;
             c[off..off + 4].copy_from_slice(&val.to_le_bytes());
@@ -895,6 +930,22 @@ mod tests {
         assert_eq!(m.refine_head(100), Some(200));
         assert_eq!(m.refine_head(0), None);
         assert_eq!(m.refine_head(101), None);
+        // Lists added by inserts do not move the built lists' refinement heads.
+        let grown = Meta { nlists: 140, ..m };
+        assert_eq!(grown.built_lists(), 100);
+        assert_eq!(grown.refine_head(100), Some(200));
+        assert_eq!(grown.refine_head(101), None);
+        assert_eq!(Meta::decode(&grown.encode()), Ok(grown));
+        // More built lists than lists, or a layout that is no build's, are corrupt.
+        assert!(Meta::decode(&Meta { nlists: 99, ..m }.encode()).is_err());
+        assert!(Meta::decode(
+            &Meta {
+                first_centroid_block: 200,
+                ..m
+            }
+            .encode()
+        )
+        .is_err());
         let mut b = m.encode();
         b[4..8].copy_from_slice(&2u32.to_le_bytes());
         let e = Meta::decode(&b).unwrap_err();
@@ -903,9 +954,14 @@ mod tests {
 
     #[test]
     fn centroid_chunk_roundtrip() {
-        let b = encode_centroid_chunk(3, 17, 64, &[1.0, -2.0]);
+        let b = encode_centroid_chunk(3, 17, 0, 64, &[1.0, -2.0]);
         let c = CentroidChunk::decode(&b).unwrap();
-        assert_eq!((c.list, c.head, c.start, c.len()), (3, 17, 64, 2));
+        assert_eq!(
+            (c.list, c.head, c.refine_head, c.start, c.len()),
+            (3, 17, 0, 64, 2)
+        );
+        let b = encode_centroid_chunk(3, 17, 905, 0, &[1.0]);
+        assert_eq!(CentroidChunk::decode(&b).unwrap().refine_head, 905);
         let mut out = [0f32; 2];
         c.copy_to(&mut out).unwrap();
         assert_eq!(out, [1.0, -2.0]);

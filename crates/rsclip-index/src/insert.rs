@@ -1,68 +1,356 @@
-//! Insertion of one vector into a built index.
+//! Insertion of one vector into a built index, and the lists inserts add.
 //!
 //! The vector goes to the list of its nearest centroid. The list chain is walked from its head
-//! with share locks; the row goes into the last code block of the first page with a free slot
-//! or room for a new block (re-checked under the write lock), so space freed by vacuum is
-//! reused. At the tail (no next page) the inserter keeps the
-//! tail's write lock, extends the relation, fully writes the new page and releases it (WAL
-//! record 1), then links it from the tail and releases the tail (record 2). Because the link is
-//! set while the tail is locked and the tail is re-checked under that lock, concurrent
-//! inserters can never both link a page after the same tail. A crash between the two records
-//! leaves an orphan page (see [`crate::check()`]).
+//! with share locks to the first page with a free slot or room for a new code block. At the
+//! tail (no next page) the inserter keeps the tail's write lock, extends the relation, fully
+//! writes the new page and releases it (WAL record 1), then links it from the tail and releases
+//! the tail (record 2). Because the link is set while the tail is locked and the tail is
+//! re-checked under that lock, concurrent inserters can never both link a page after the same
+//! tail. A crash between the two records leaves an orphan page (see [`crate::check()`]).
 //!
 //! The refinement tuple goes into the list's refinement chain first, the code (pointing at the
-//! item that took it) second: a code a scan can see always has its refinement tuple. A crash in between leaves only an unreferenced refinement tuple of a heap row that
-//! never committed, which VACUUM removes.
+//! item that took it) second: a code a scan can see always has its refinement tuple. A crash in
+//! between leaves only an unreferenced refinement tuple of a heap row that never committed,
+//! which VACUUM removes.
+//!
+//! ## New lists: how the lists stay balanced when the data drifts
+//! Rows from a distribution the build never saw all go to the few lists nearest to it, which
+//! would grow without bound (a scan that probes one then reads a long chain). So a list whose
+//! code chain is full at [`list_page_limit`] pages does not grow: the row that would extend it
+//! starts a new list instead, with the row itself (normalized for inner product and cosine) as
+//! its centroid. Later rows of the new distribution find that centroid nearer than the old ones,
+//! so the new lists take them, and each fills to the same bound before it passes rows on in
+//! turn. A row far outside its nearest list (its residual [`OUTLIER_RATIO`] times the list's
+//! mean) starts a new list at once, so that rows of a new distribution do not pile into old
+//! lists whose centroids rank them badly. No row ever moves, so scans running meanwhile stay
+//! exact. An index built on an empty table (one list) grows its lists the same way.
+//!
+//! Adding list `n` (only `n < MAX_LISTS`), all under the meta page's exclusive lock, which
+//! serializes list additions (they are rare: one per [`list_page_limit`] pages of inserts):
+//! 1. re-read the meta page: if its list count is no longer the one the nearest centroid was
+//!    chosen from, release it and insert again from the start (a new list may be nearer);
+//! 2. a new refinement head page holding the row's refinement tuple (record);
+//! 3. a new code head page holding the row's code (record);
+//! 4. the centroid's chunks appended to the centroid chain's tail page, and on new pages
+//!    linked after it when it is full (a record per page);
+//! 5. the meta page's list count raised to `n + 1` (record).
+//!
+//! Readers use the meta page's list count and never read centroid items past it, so until step
+//! 5 nobody sees the new list, and after it everything it names is complete. A crash before
+//! step 5 leaves unreachable head pages (orphans) and centroid items past the count; the next
+//! list addition deletes those items and unlinks any page they continued on before appending.
+//! Locks: the meta page (block 0) is taken first; new pages come from `extend` (the highest
+//! blocks) and are released before the centroid pages are locked, whose tail is locked before
+//! any page it is linked to. So locks are still taken in ascending block order.
 
 use crate::common::{
-    append_row_to_chain, append_to_chain, centroid_distance, encode_row, prepare, read_meta,
-    walk_centroids,
+    append_row_to_chain, append_to_chain, centroid_distance, encode_row, find_code_room, prepare,
+    read_meta, walk_centroids, PageCopy,
 };
-use crate::format::PAGE_REFINE;
+use crate::format::{
+    block_rows, block_size, centroid_chunk_capacity, encode_block, encode_centroid_chunk,
+    has_refine, refine_tuple_size, CentroidChunk, Meta, META_BLOCK, PAGE_CENTROID, PAGE_LIST,
+    PAGE_META, PAGE_REFINE,
+};
+use crate::page::{
+    maxalign, Opaque, PageRead, PageWrite, Relation, EMPTY_PAGE_FREE_SPACE, ITEM_ID_SIZE,
+};
 use crate::rabitq::Rotation;
-use crate::{Error, Result, Tid, INVALID_BLOCK};
+use crate::{Error, Result, Tid, INVALID_BLOCK, MAX_LISTS};
 
 pub use crate::build::AddOutcome as InsertOutcome;
 
-/// Index the heap row `tid` with vector `vector` (not yet rotated).
-pub fn insert<R: crate::page::Relation>(
-    rel: &R,
-    tid: Tid,
-    vector: &[f32],
-) -> Result<InsertOutcome> {
-    let meta = read_meta(rel)?;
-    let rot = Rotation::new(meta.padded_dims as usize, meta.seed, meta.rounds);
-    let Some(v) = prepare(&meta, &rot, vector)? else {
-        return Ok(InsertOutcome::SkippedZeroVector);
-    };
+/// A list may grow to this many times the mean list (see [`list_page_limit`]) before inserts
+/// start new lists beside it. k-means lists of real embeddings vary a few-fold in size, and a
+/// list started from one row is weaker than a trained one, so the bound is loose: on the real
+/// 100k set with 30% of it inserted from one side of a hyperplane, a bound of 4× the build's
+/// mean added 194 lists and gained no recall at equal time; 8× still bounds every chain.
+pub const LIST_GROWTH: u64 = 8;
+
+/// No list stops growing below this many pages (small or empty builds have tiny means).
+pub const MIN_LIST_PAGES: u32 = 4;
+
+/// A row whose residual against its nearest centroid is this many times the mean residual of
+/// that list's rows is no member of it: it starts a new list at once. Rows of a new
+/// distribution otherwise fill the old lists nearest to them up to [`list_page_limit`] first,
+/// where a scan for them ranks those lists by centroids far from them and misses them. In
+/// many dimensions residual norms concentrate near their mean (1.6× is far in the tail for
+/// k-means lists of real embeddings and of Gaussian clusters alike).
+pub const OUTLIER_RATIO: f32 = 1.6;
+
+/// The outlier rule needs this many rows to know a list's mean residual; a list with fewer
+/// is measured by the build's mean ([`Meta::build_mean_f1`]).
+pub const OUTLIER_MIN_ROWS: u64 = 16;
+
+/// Below this many dimensions residual norms vary too much for one to tell an outlier (in 2
+/// dimensions an eighth of a Gaussian cluster lies past 1.6× the mean radius): only the page
+/// bound adds lists.
+pub const OUTLIER_MIN_DIMS: u32 = 32;
+
+/// Rows a code page holds when full.
+pub fn rows_per_page(padded_dims: usize) -> u64 {
+    let per_block = maxalign(block_size(padded_dims)) + ITEM_ID_SIZE;
+    let blocks = (EMPTY_PAGE_FREE_SPACE + ITEM_ID_SIZE) / per_block;
+    (blocks.max(1) * block_rows(padded_dims)) as u64
+}
+
+/// Pages a list's code chain may reach before an insert that would extend it starts a new
+/// list instead: [`LIST_GROWTH`] times the mean list of a fresh build of the index's present
+/// size ([`crate::default_lists`] of its rows), at least [`MIN_LIST_PAGES`]. No row count is
+/// kept anywhere (the build's would be stale), so the rows are estimated from the relation's
+/// size (`nblocks`) and the code chains' share of the bytes a row costs. The bound follows the
+/// index as it grows: rows of the build's distribution keep the lists near their build-time
+/// proportions and rarely meet it, while lists that drift makes grow much faster do, and so
+/// does the one list of an index built on an empty table.
+pub fn list_page_limit(meta: &Meta, nblocks: u32) -> u32 {
     let d = meta.padded_dims as usize;
-    let mut best_dist = f32::INFINITY;
-    let mut best_head = INVALID_BLOCK;
-    let mut best_c = vec![0f32; d];
-    walk_centroids(
-        rel,
-        &meta,
-        |_| {},
-        |_, head, c| {
-            let dist = centroid_distance(meta.metric, c, &v);
-            if dist < best_dist || best_head == INVALID_BLOCK {
-                best_dist = dist;
-                best_head = head;
-                best_c.copy_from_slice(c);
+    let code = block_size(d) as f64 / block_rows(d) as f64;
+    let refine = if has_refine(d) {
+        (refine_tuple_size(d) + ITEM_ID_SIZE) as f64
+    } else {
+        0.0
+    };
+    let centroid_pages = (meta.nlists as u64 * d as u64 * 4).div_ceil(EMPTY_PAGE_FREE_SPACE as u64);
+    let list_pages =
+        nblocks.saturating_sub(1 + centroid_pages as u32) as f64 * code / (code + refine);
+    let rows = list_pages * rows_per_page(d) as f64;
+    let mean = list_pages / crate::default_lists(rows as u64).max(1) as f64;
+    ((LIST_GROWTH as f64 * mean).ceil() as u64).clamp(MIN_LIST_PAGES as u64, u32::MAX as u64) as u32
+}
+
+/// Index the heap row `tid` with vector `vector` (not yet rotated).
+pub fn insert<R: Relation>(rel: &R, tid: Tid, vector: &[f32]) -> Result<InsertOutcome> {
+    loop {
+        let meta = read_meta(rel)?;
+        let rot = Rotation::new(meta.padded_dims as usize, meta.seed, meta.rounds);
+        let Some(v) = prepare(&meta, &rot, vector)? else {
+            return Ok(InsertOutcome::SkippedZeroVector);
+        };
+        let d = meta.padded_dims as usize;
+        let mut best_dist = f32::INFINITY;
+        let mut best = None;
+        let mut best_c = vec![0f32; d];
+        walk_centroids(
+            rel,
+            &meta,
+            |_| {},
+            |_, heads, c| {
+                let dist = centroid_distance(meta.metric, c, &v);
+                if dist < best_dist || best.is_none() {
+                    best_dist = dist;
+                    best = Some(heads);
+                    best_c.copy_from_slice(c);
+                }
+                Ok(())
+            },
+        )?;
+        let heads = best.ok_or_else(|| Error::corrupt(META_BLOCK, "index has no lists"))?;
+        let room = find_code_room(rel, heads.code, d)?;
+        let mut refine = Vec::new();
+        let mut row = encode_row(meta.metric, &mut refine, tid, &v, &best_c);
+        let full = room.full && room.pages >= list_page_limit(&meta, rel.nblocks());
+        // A list's own rows tell how far its members lie; a young list (a few rows) is
+        // measured against the build's rows instead.
+        let typical = if room.rows_seen >= OUTLIER_MIN_ROWS {
+            room.mean_f1
+        } else {
+            meta.build_mean_f1
+        };
+        let outlier = meta.dims >= OUTLIER_MIN_DIMS
+            && typical > 0.0
+            && row.factors.f1 > OUTLIER_RATIO * typical;
+        if (full || outlier)
+            && meta.nlists < MAX_LISTS
+            && differs(&v, &new_centroid(&meta, &v), &best_c)
+        {
+            if add_list(rel, &meta, tid, &v)? {
+                return Ok(InsertOutcome::Added);
             }
-            Ok(())
-        },
-    )?;
-    let mut refine = Vec::new();
-    let mut row = encode_row(meta.metric, &mut refine, tid, &v, &best_c);
-    if !refine.is_empty() {
-        let refine_head = meta.refine_head(best_head).ok_or_else(|| {
-            Error::corrupt(best_head, "centroid names a block that is no list head")
-        })?;
-        let (blk, off) = append_to_chain(rel, refine_head, PAGE_REFINE, &refine)?;
-        row.refine_block = blk;
-        row.refine_offset = off;
+            continue; // another inserter added a list first: it may be the nearer one
+        }
+        if !refine.is_empty() {
+            let (blk, off) = append_to_chain(rel, heads.refine, PAGE_REFINE, &refine)?;
+            row.refine_block = blk;
+            row.refine_offset = off;
+        }
+        append_row_to_chain(rel, room.block, d, &row)?;
+        return Ok(InsertOutcome::Added);
     }
-    append_row_to_chain(rel, best_head, d, &row)?;
-    Ok(InsertOutcome::Added)
+}
+
+/// The centroid a new list started by rotated row `v` gets: the row, normalized where the
+/// build's centroids are (inner product, cosine).
+fn new_centroid(meta: &Meta, v: &[f32]) -> Vec<f32> {
+    let mut c = v.to_vec();
+    if meta.metric.spherical() {
+        let n = v.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
+        if n > 0.0 {
+            c.iter_mut().for_each(|a| *a = (*a as f64 / n) as f32);
+        }
+    }
+    c
+}
+
+/// Whether a new list's centroid `c` would be a different point than the nearest list's: rows
+/// equal to a full list's centroid (duplicates of one vector) gain nothing from more lists with
+/// that same centroid, so they extend the chain.
+fn differs(v: &[f32], c: &[f32], nearest: &[f32]) -> bool {
+    let gap: f64 = c
+        .iter()
+        .zip(nearest)
+        .map(|(&a, &b)| ((a - b) as f64).powi(2))
+        .sum();
+    let scale: f64 = v
+        .iter()
+        .map(|&a| (a as f64).powi(2))
+        .sum::<f64>()
+        .max(f64::MIN_POSITIVE);
+    gap > 1e-10 * scale
+}
+
+/// Start list `seen.nlists` with row `tid` (rotated vector `v`) as its only row (see the module
+/// documentation for the steps). Returns false, having changed nothing, when the meta page no
+/// longer equals `seen`.
+fn add_list<R: Relation>(rel: &R, seen: &Meta, tid: Tid, v: &[f32]) -> Result<bool> {
+    let mut mw = rel.write(META_BLOCK);
+    if mw.opaque().flags != PAGE_META {
+        return Err(Error::corrupt(META_BLOCK, "block 0 is not a meta page"));
+    }
+    let meta = Meta::decode(
+        mw.item(1)
+            .ok_or_else(|| Error::corrupt(META_BLOCK, "meta item missing"))?,
+    )
+    .map_err(|e| Error::corrupt(META_BLOCK, e.0))?;
+    if meta != *seen {
+        return Ok(false);
+    }
+    let d = meta.padded_dims as usize;
+    let c = new_centroid(&meta, v);
+    let mut refine = Vec::new();
+    let mut row = encode_row(meta.metric, &mut refine, tid, v, &c);
+    let refine_head = {
+        let (b, mut w) = rel.extend();
+        w.reinit(Opaque::new(PAGE_REFINE));
+        if !refine.is_empty() {
+            row.refine_offset = w.add_item(&refine).ok_or_else(|| {
+                Error::corrupt(b, "a refinement tuple does not fit an empty page")
+            })?;
+            row.refine_block = b;
+        }
+        b
+    };
+    let code_head = {
+        let (b, mut w) = rel.extend();
+        w.reinit(Opaque::new(PAGE_LIST));
+        w.add_item(&encode_block(std::slice::from_ref(&row), d))
+            .ok_or_else(|| Error::corrupt(b, "a code block does not fit an empty page"))?;
+        b
+    };
+    append_centroid(rel, &meta, code_head, refine_head, &c)?;
+    let grown = Meta {
+        nlists: meta.nlists + 1,
+        ..meta
+    };
+    mw.item_mut(1)
+        .ok_or_else(|| Error::corrupt(META_BLOCK, "meta item missing"))?
+        .copy_from_slice(&grown.encode());
+    drop(mw); // the list exists from this record on
+    Ok(true)
+}
+
+/// Append list `meta.nlists`'s centroid `c` after the chain's first `meta.nlists` centroids,
+/// deleting what an interrupted addition left after them. The caller holds the meta page's
+/// exclusive lock, so no other writer touches the centroid chain.
+fn append_centroid<R: Relation>(
+    rel: &R,
+    meta: &Meta,
+    code_head: u32,
+    refine_head: u32,
+    c: &[f32],
+) -> Result<()> {
+    let d = meta.padded_dims as usize;
+    let floats = meta.nlists as u64 * d as u64;
+    // Find the page holding the last chunk of the last centroid, and how many of its items
+    // belong to the first nlists centroids.
+    let mut blk = meta.first_centroid_block;
+    let mut from = META_BLOCK;
+    let mut seen = 0u64;
+    let mut page = PageCopy::default();
+    let mut steps = 0u32;
+    let keep = loop {
+        crate::common::check_block(blk, rel.nblocks(), from)?;
+        steps += 1;
+        if steps > rel.nblocks() {
+            return Err(Error::corrupt(blk, "cycle in the centroid chain"));
+        }
+        page.load(rel, blk);
+        if page.opaque().flags != PAGE_CENTROID {
+            return Err(Error::corrupt(blk, "expected a centroid page"));
+        }
+        let mut keep = 0usize;
+        for i in 0..page.len() {
+            if seen == floats {
+                break;
+            }
+            let b = page
+                .item(i)
+                .ok_or_else(|| Error::corrupt(blk, format!("centroid item {} unused", i + 1)))?;
+            seen += CentroidChunk::decode(b)
+                .map_err(|e| Error::corrupt(blk, e.0))?
+                .len() as u64;
+            keep = i + 1;
+        }
+        if seen == floats {
+            break keep;
+        }
+        if seen > floats || page.opaque().next == INVALID_BLOCK {
+            return Err(Error::corrupt(
+                meta.first_centroid_block,
+                format!(
+                    "centroid chain does not hold {} whole centroids",
+                    meta.nlists
+                ),
+            ));
+        }
+        from = blk;
+        blk = page.opaque().next;
+    };
+    let mut w = rel.write(blk);
+    let stale: Vec<u16> = (keep as u16 + 1..=w.max_offset()).collect();
+    if !stale.is_empty() {
+        w.delete_items(&stale);
+    }
+    let o = w.opaque();
+    if o.next != INVALID_BLOCK {
+        w.set_opaque(Opaque {
+            next: INVALID_BLOCK,
+            ..o
+        });
+    }
+    let mut cur = blk;
+    let mut start = 0;
+    while start < d {
+        let n = centroid_chunk_capacity(w.free_space()).min(d - start);
+        if n < (d - start).min(64) {
+            let (nb, mut nw) = rel.extend();
+            nw.reinit(Opaque::new(PAGE_CENTROID));
+            let o = w.opaque();
+            w.set_opaque(Opaque { next: nb, ..o });
+            drop(w);
+            w = nw;
+            cur = nb;
+            continue;
+        }
+        let item = encode_centroid_chunk(
+            meta.nlists,
+            code_head,
+            refine_head,
+            start as u32,
+            &c[start..start + n],
+        );
+        w.add_item(&item)
+            .ok_or_else(|| Error::corrupt(cur, "centroid chunk does not fit"))?;
+        start += n;
+    }
+    Ok(())
 }

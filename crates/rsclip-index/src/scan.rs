@@ -140,9 +140,9 @@ impl Centroids {
             rel,
             &meta,
             |_| {},
-            |_, head, c| {
+            |_, h, c| {
                 data.extend_from_slice(c);
-                heads.push(head);
+                heads.push(h.code);
                 Ok(())
             },
         )?;

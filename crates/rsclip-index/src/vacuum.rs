@@ -11,7 +11,7 @@
 //! its refinement tuple while it is still visible. The callback is asked about each heap tid
 //! twice (once per chain); callers' callbacks are pure lookups.
 
-use crate::common::{read_meta, walk_centroids, ChainWalk, PageCopy};
+use crate::common::{read_meta, walk_centroids, ChainWalk, ListHeads, PageCopy};
 use crate::format::{
     encode_block, refine_tuple_tid, CodeBlock, FormatError, RowCode, PAGE_LIST, PAGE_REFINE,
 };
@@ -44,18 +44,19 @@ pub fn bulk_delete<R: Relation>(
         rel,
         &meta,
         |_| {},
-        |_, head, _| {
-            heads.push(head);
+        |_, h, _| {
+            heads.push(h);
             Ok(())
         },
     )?;
     let mut stats = DeleteStats::default();
     let mut page = PageCopy::default();
     let mut dead = HashSet::new();
-    for head in heads {
-        let refine_head = meta
-            .refine_head(head)
-            .ok_or_else(|| Error::corrupt(head, "centroid names a block that is no list head"))?;
+    for ListHeads {
+        code: head,
+        refine: refine_head,
+    } in heads
+    {
         let code = clean_code_chain(rel, head, d, is_dead, &mut page)?;
         stats.pages_visited += code.pages_visited;
         stats.pages_modified += code.pages_modified;

@@ -122,6 +122,7 @@ pub fn brute_force(
 pub struct SearchOut {
     pub rows: Vec<(Tid, f32)>,
     pub reranked: u64,
+    pub stats: rsclip_index::ScanStats,
 }
 
 /// First `k` rows of a scan whose re-rank callback accepts rows with `accept[i]`.
@@ -155,6 +156,7 @@ pub fn search(
     SearchOut {
         rows,
         reranked: scan.stats().reranked,
+        stats: scan.stats(),
     }
 }
 

@@ -117,10 +117,16 @@ fn churn_delete_half_and_reinsert() {
             probes,
         );
         println!(
-            "churn round {round}: {} rows, {} blocks, recall@10 {:.4}",
+            "churn round {round}: {} rows, {} blocks, recall@10 {:.4}, lists {} (built {}), \
+             longest chain {} (limit {}), sizes {:?}",
             want.len(),
             rel.nblocks(),
-            r.recall
+            r.recall,
+            report.nlists,
+            report.built_lists,
+            report.longest_chain,
+            report.list_page_limit,
+            report.list_sizes
         );
         assert!(r.recall >= 0.95, "round {round}: recall {}", r.recall);
     }
@@ -275,23 +281,42 @@ fn empty_index_then_inserts() {
         let mut scan = Scan::new(&rel, &q, 1, 0).unwrap();
         assert_eq!(scan.next(&rel, &mut |_| Some(0.0)).unwrap(), None);
         let normalize = metric != Metric::L2;
-        let data = mixture(95, 2_000, dims, 10, 0.5, 0.0, normalize);
+        let data = mixture(95, 30_000, dims, 10, 0.5, 0.0, normalize);
         for (i, row) in data.chunks_exact(dims).enumerate() {
             insert(&rel, tid_of(i), row).unwrap();
         }
+        // The one list of an empty build fills to its page bound (8× the mean list of a build
+        // of 30k rows), then inserts start new lists: no chain grows past the bound.
+        let report = check(&rel).unwrap();
+        assert_eq!(report.tids.len(), 30_000);
+        assert_eq!(report.built_lists, 1);
+        assert!(report.nlists > 1, "{metric:?}: {report:?}");
+        // The bound follows the index's size (a chain that reached it earlier keeps its pages,
+        // and the mean list of a default build shrinks from 30k rows on): within 2× of today's.
+        assert!(
+            report.longest_chain <= 2 * report.list_page_limit,
+            "{metric:?}: chain {} > 2 × limit {}",
+            report.longest_chain,
+            report.list_page_limit
+        );
         let queries = mixture(96, 20, dims, 10, 0.5, 0.0, normalize);
         let r = recall(
             &rel,
             metric,
             &data,
             dims,
-            &vec![true; 2_000],
+            &vec![true; 30_000],
             &queries,
             10,
-            1,
+            default_probes(report.nlists),
         );
-        assert!(r.recall >= 0.99, "{metric:?}: {}", r.recall);
-        assert_eq!(check(&rel).unwrap().tids.len(), 2_000);
+        println!(
+            "{metric:?}: {} lists, recall@10 {}",
+            report.nlists, r.recall
+        );
+        // Lists started from single rows are weaker than a build's (0.985 for L2, 0.895 for
+        // cosine here); REINDEX after loading an index built empty (the README says so).
+        assert!(r.recall >= 0.85, "{metric:?}: {}", r.recall);
     }
 }
 

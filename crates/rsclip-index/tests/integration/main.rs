@@ -3,5 +3,6 @@
 mod common;
 mod concurrency;
 mod corruption;
+mod drift;
 mod lifecycle;
 mod recall;
