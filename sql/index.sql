@@ -17,6 +17,7 @@ CREATE FUNCTION rsclip_metric_l2(internal) RETURNS integer
 
 CREATE OPERATOR CLASS embedding_ip_ops FOR TYPE embedding USING rsclip AS
     OPERATOR 1 <#> (embedding, embedding) FOR ORDER BY float_ops,
+    OPERATOR 2 <#^ (embedding, embedding) FOR ORDER BY float_ops,
     FUNCTION 1 rsclip_metric_ip(internal);
 CREATE OPERATOR CLASS embedding_cosine_ops FOR TYPE embedding USING rsclip AS
     OPERATOR 1 <=> (embedding, embedding) FOR ORDER BY float_ops,

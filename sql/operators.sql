@@ -1,5 +1,5 @@
 -- Distances follow pgvector's conventions: <#> negative inner product, <=> cosine distance,
--- <-> Euclidean distance. All are STRICT, IMMUTABLE and PARALLEL SAFE.
+-- <-> Euclidean distance. All are IMMUTABLE and PARALLEL SAFE, and all but <#^ STRICT.
 
 CREATE FUNCTION embedding_negative_inner_product(embedding, embedding) RETURNS double precision
     AS 'MODULE_PATHNAME', 'embedding_negative_inner_product' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
@@ -13,6 +13,13 @@ COMMENT ON FUNCTION rsclip_score(embedding, embedding) IS 'inner product; cosine
 
 CREATE OPERATOR <#> (LEFTARG = embedding, RIGHTARG = embedding,
     FUNCTION = embedding_negative_inner_product, COMMUTATOR = '<#>');
+-- <#> with NULLs first (-Infinity): its ascending order is rsclip_score DESC's (NULLS FIRST),
+-- which the planner hook rewrites into it on nullable columns so that an rsclip index serves
+-- ORDER BY rsclip_score(emb, q) DESC. Not STRICT.
+CREATE FUNCTION embedding_negative_inner_product_nulls_first(embedding, embedding) RETURNS double precision
+    AS 'MODULE_PATHNAME', 'embedding_negative_inner_product_nulls_first' LANGUAGE C IMMUTABLE PARALLEL SAFE;
+CREATE OPERATOR <#^ (LEFTARG = embedding, RIGHTARG = embedding,
+    FUNCTION = embedding_negative_inner_product_nulls_first, COMMUTATOR = '<#^');
 CREATE OPERATOR <=> (LEFTARG = embedding, RIGHTARG = embedding,
     FUNCTION = embedding_cosine_distance, COMMUTATOR = '<=>');
 CREATE OPERATOR <-> (LEFTARG = embedding, RIGHTARG = embedding,

@@ -53,6 +53,25 @@ pg_function! {
 }
 
 pg_function! {
+    /// `a <#^ b`: `<#>` with NULL arguments ranked first (-infinity), not last. Its ascending
+    /// order is exactly `rsclip_score DESC` (NULLS FIRST, the default of `DESC`), so the
+    /// planner rewrites that sort key into it on nullable columns and an rsclip index serves
+    /// it (see planner.rs). Not STRICT.
+    fn embedding_negative_inner_product_nulls_first(fcinfo) {
+        // SAFETY: two embedding arguments, either of which may be NULL (checked first).
+        unsafe {
+            if (*fcinfo).nargs < 2
+                || pgrx::fcinfo::pg_arg_is_null(fcinfo, 0)
+                || pgrx::fcinfo::pg_arg_is_null(fcinfo, 1)
+            {
+                return float8_datum(f64::NEG_INFINITY);
+            }
+            float8_datum(-binary(fcinfo, finite_dot))
+        }
+    }
+}
+
+pg_function! {
     /// `rsclip_score(a, b)`: inner product (cosine similarity for unit vectors). Its descending
     /// order is exactly `<#>`'s ascending one (see planner.rs).
     fn rsclip_score(fcinfo) {

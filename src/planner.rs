@@ -11,10 +11,11 @@
 //!    on overflow, so no NaN can sort differently), and the distance functions called by name
 //!    (`embedding_negative_inner_product`, `embedding_cosine_distance`, `embedding_l2_distance`,
 //!    ascending) become `<#>`, `<=>`, `<->`. `DESC` puts NULLs first where the operator's
-//!    ascending order puts them last, so a score key is rewritten only when it says NULLS LAST
-//!    or when its NULLs cannot occur: a NOT NULL column outside outer joins, or a WHERE clause
-//!    that requires `col IS NOT NULL`. The score stays in the target list: only the sort key
-//!    changes, as a junk column.
+//!    ascending order puts them last, so a score key that says NULLS FIRST (the default of
+//!    `DESC`) becomes `a <#^ b` instead, `<#>` with NULLs at -infinity, which the index serves
+//!    from its chain of NULL rows, unless its NULLs cannot occur (a NOT NULL column outside
+//!    outer joins, or a WHERE clause that requires `col IS NOT NULL`). The score stays in the
+//!    target list: only the sort key changes, as a junk column.
 //! 2. A one-row function in FROM that returns `embedding`, as in
 //!    `FROM tiles, rsclip_encode_text('...') q`, into the one-row subquery
 //!    `(SELECT rsclip_encode_text('...') AS q) q`. Standard planning pulls that up, as it does
@@ -334,11 +335,16 @@ unsafe fn rewrite_sort_keys(query: *mut pg_sys::Query, catalog: &mut Catalog) {
             let ops = float8.get_or_insert_with(float8_operators);
             let operator = match function {
                 SortFunction::Score => {
-                    let nulls_ok = !(*key).nulls_first || score_cannot_be_null(q, a, b);
-                    if (*key).sortop != ops.greater || !nulls_ok {
+                    if (*key).sortop != ops.greater {
                         continue;
                     }
-                    c"<#>"
+                    // DESC's NULLs come first: `<#^` ranks them first (-infinity) where they can
+                    // occur; `<#>` (which the other operator classes' scans share) elsewhere.
+                    if (*key).nulls_first && !score_cannot_be_null(q, a, b) {
+                        c"<#^"
+                    } else {
+                        c"<#>"
+                    }
                 }
                 SortFunction::Distance(name) => {
                     if (*key).sortop != ops.less || (*key).nulls_first {

@@ -536,7 +536,8 @@ mod tests {
             let r = recall(&q);
             assert!(r >= 0.9, "{ops}: recall {r}");
         }
-        // Inserts after the build are found, NULLs are skipped.
+        // Inserts after the build are found; a NULL goes to the NULL chain, which only the
+        // NULLS FIRST operator `<#^` returns.
         Spi::run(
             "INSERT INTO ix VALUES (100001, (SELECT emb FROM ix WHERE id = 7)), (100002, NULL)",
         )
@@ -547,8 +548,20 @@ mod tests {
         assert!(near.contains(&100001) && near.contains(&7), "{near:?}");
         let check: serde_json::Value =
             serde_json::from_str(&text("SELECT rsclip_index_check('ix_ip')::text")).unwrap();
-        assert_eq!(check["index_tuples"], 3001, "{check}");
-        assert_eq!(check["heap_rows_checked"], 3001, "{check}");
+        assert_eq!(check["index_tuples"], 3002, "{check}");
+        assert_eq!(check["null_tuples"], 1, "{check}");
+        assert_eq!(check["heap_rows_checked"], 3002, "{check}");
+        let all =
+            ids("SELECT id FROM ix ORDER BY emb <#> (SELECT emb FROM ix WHERE id = 7) LIMIT 5000");
+        assert!(!all.is_empty() && !all.contains(&100002), "{}", all.len());
+        let q = "SELECT id FROM ix ORDER BY emb <#^ (SELECT emb FROM ix WHERE id = 7) LIMIT 3";
+        assert!(plan(q).contains("Index Scan using ix_ip"), "{}", plan(q));
+        let first = ids(q);
+        assert_eq!(first[0], 100002, "{first:?}");
+        assert!(
+            first[1..].contains(&7) && first[1..].contains(&100001),
+            "{first:?}"
+        );
         // Without ORDER BY the index is never chosen.
         Spi::run("RESET enable_seqscan").unwrap();
         let counted = plan("SELECT count(*) FROM ix");

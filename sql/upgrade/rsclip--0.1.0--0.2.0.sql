@@ -3,6 +3,9 @@
 --   encoders skip their writes while it runs instead of waiting on the rows it deletes;
 -- - rsclip_backfill_report keeps at most one state row per backend, so PUBLIC cannot grow
 --   rsclip_backfill_state.
+-- - the operator <#^ (<#> with NULLs first) in embedding_ip_ops, through which an rsclip index
+--   serves ORDER BY rsclip_score(emb, q) DESC on a nullable column (the index format is now 5,
+--   with a chain of the NULL rows: indexes of older formats say to REINDEX them);
 -- tests/integration/test_upgrade.py checks that an upgraded 0.1.0 equals a fresh 0.2.0.
 \echo Use "ALTER EXTENSION rsclip UPDATE TO '0.2.0'" to load this file. \quit
 
@@ -85,3 +88,10 @@ BEGIN
     END IF;
 END
 $$;
+
+CREATE FUNCTION embedding_negative_inner_product_nulls_first(embedding, embedding) RETURNS double precision
+    AS 'MODULE_PATHNAME', 'embedding_negative_inner_product_nulls_first' LANGUAGE C IMMUTABLE PARALLEL SAFE;
+CREATE OPERATOR <#^ (LEFTARG = embedding, RIGHTARG = embedding,
+    FUNCTION = embedding_negative_inner_product_nulls_first, COMMUTATOR = '<#^');
+ALTER OPERATOR FAMILY embedding_ip_ops USING rsclip
+    ADD OPERATOR 2 <#^ (embedding, embedding) FOR ORDER BY float_ops;

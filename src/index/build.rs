@@ -121,6 +121,12 @@ impl RowSink for LoadState<'_, '_> {
             self.flush();
         }
     }
+
+    fn null_row(&mut self, tid: Tid) {
+        if let Err(e) = self.builder.add_null(tid) {
+            raise(self.index, e);
+        }
+    }
 }
 
 /// `maintenance_work_mem` in bytes.
@@ -260,7 +266,7 @@ unsafe fn build(
         );
     }
     progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, stats.tuples as i64);
-    (heap_tuples, stats.tuples as f64)
+    (heap_tuples, (stats.tuples + stats.nulls) as f64)
 }
 
 #[pgrx::pg_guard]

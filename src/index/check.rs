@@ -29,6 +29,13 @@ impl RowSink for HeapState {
             pgrx::check_for_interrupts!();
         }
     }
+
+    fn null_row(&mut self, tid: Tid) {
+        self.checked += 1;
+        if self.indexed.binary_search(&tid).is_err() {
+            self.missing.push(tid);
+        }
+    }
 }
 
 fn show(t: &Tid) -> String {
@@ -145,6 +152,8 @@ pg_function! {
                 "mean_list_rows": (mean * 10.0).round() / 10.0,
                 "list_imbalance": (imbalance * 100.0).round() / 100.0,
                 "index_tuples": report.tids.len(),
+                "null_tuples": report.null_tuples,
+                "null_pages": report.null_pages,
                 "heap_rows_checked": state.checked,
             });
             pg_sys::table_close(heap, pg_sys::AccessShareLock as i32);

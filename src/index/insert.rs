@@ -1,5 +1,6 @@
 //! aminsert: one row into its nearest list (the crate walks the list chain to the first page with
-//! room, or extends it; see `rsclip_index::insert` for the lock and WAL order).
+//! room, or extends it, or starts a new list; see `rsclip_index::insert` for the lock and WAL
+//! order), or a NULL into the NULL chain.
 
 use super::buffer::IndexRelation;
 use super::tid_of;
@@ -21,12 +22,16 @@ pub unsafe extern "C-unwind" fn aminsert(
 ) -> bool {
     // SAFETY: Postgres passes the one index column's value and null flag and the heap TID.
     unsafe {
+        let rel = IndexRelation::new(index, pg_sys::ForkNumber::MAIN_FORKNUM);
+        let tid = tid_of(heap_tid);
         if *isnull {
+            // Kept for the NULLS FIRST ordering (`ORDER BY rsclip_score(...) DESC`).
+            if let Err(e) = rsclip_index::insert_null(&rel, tid) {
+                raise(index, e);
+            }
             return false;
         }
         let dims = indexed_dims(index);
-        let rel = IndexRelation::new(index, pg_sys::ForkNumber::MAIN_FORKNUM);
-        let tid = tid_of(heap_tid);
         datum::with(*values, |v| {
             if v.len() != dims as usize {
                 raise(

@@ -79,9 +79,11 @@ pub fn exact_distance(metric: Metric, a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
-/// Receives the non-NULL rows of a heap scan made for the index ([`scan_heap`]).
+/// Receives the rows of a heap scan made for the index ([`scan_heap`]).
 pub trait RowSink {
     fn row(&mut self, tid: Tid, vector: &[f32]);
+    /// A row whose indexed value is NULL (the index keeps them in its NULL chain).
+    fn null_row(&mut self, _tid: Tid) {}
 }
 
 #[pgrx::pg_guard]
@@ -95,16 +97,17 @@ unsafe extern "C-unwind" fn row_callback<S: RowSink>(
 ) {
     // SAFETY: `state` is the sink scan_heap passed in; values/isnull hold the one index column.
     unsafe {
+        let sink = &mut *(state as *mut S);
         if *isnull {
+            sink.null_row(tid_of(tid));
             return;
         }
-        let sink = &mut *(state as *mut S);
         crate::datum::with(*values, |v| sink.row(tid_of(tid), v));
     }
 }
 
-/// Runs `table_index_build_scan` (with its block progress reporting), handing every non-NULL
-/// indexed value to `sink`; `scan` null = the build's own scan. Returns the live heap tuples.
+/// Runs `table_index_build_scan` (with its block progress reporting), handing every indexed
+/// value (and every NULL) to `sink`; `scan` null = the build's own scan. Returns the live heap tuples.
 ///
 /// # Safety
 /// Open, locked relations and the index's IndexInfo, as `table_index_build_scan` requires.

@@ -7,7 +7,8 @@
 //! lists. When they run out (a selective WHERE filter rejected what was found) the scan probes the
 //! next `rsclip.probes` lists, up to `rsclip.max_probes`, so `WHERE ... ORDER BY ... LIMIT k`
 //! finds k rows whenever they exist; order across such expansions is relaxed (as with pgvector's
-//! relaxed iterative scans).
+//! relaxed iterative scans). With `<#^` (what the planner hook turns `rsclip_score DESC` into
+//! on a nullable column) the rows whose value is NULL come first, from the index's NULL chain.
 
 use super::buffer::IndexRelation;
 use super::item_pointer;
@@ -18,6 +19,9 @@ use crate::settings;
 use pgrx::{pg_sys, PgMemoryContexts, PgSqlErrorCode};
 use rsclip_index::{Metric, Scan, Tid};
 
+/// The opclass strategy of `<#^` (embedding_ip_ops' operator 2).
+const NULLS_FIRST_STRATEGY: u16 = 2;
+
 struct ScanState {
     metric: Metric,
     heap_attnum: i16,
@@ -25,6 +29,11 @@ struct ScanState {
     /// None: a NULL query. Every distance to it is NULL, so every indexed row is returned, in
     /// no particular order, with a NULL distance (as a sequential scan's sort would).
     query: Option<Vec<f32>>,
+    /// The ORDER BY operator is `<#^` (strategy 2): the rows whose value is NULL come first,
+    /// at -infinity, then the others as for `<#>`.
+    nulls_first: bool,
+    /// The NULL rows still to return (read from the NULL chain on the first call).
+    nulls: Option<std::vec::IntoIter<Tid>>,
     scan: Option<Scan>,
     /// Counted in pg_stat_*_indexes once per rescan, on the first tuple asked for.
     counted: bool,
@@ -49,6 +58,8 @@ pub unsafe extern "C-unwind" fn ambeginscan(
         heap_attnum: indexed_column(index),
         has_order: false,
         query: None,
+        nulls_first: false,
+        nulls: None,
         scan: None,
         counted: false,
         // SAFETY: reading the backend's current-context global.
@@ -86,8 +97,11 @@ pub unsafe extern "C-unwind" fn amrescan(
         state.counted = false;
         state.has_order = norderbys > 0 && !orderbys.is_null();
         state.query = None;
+        state.nulls = None;
+        state.nulls_first = false;
         if state.has_order {
             let key = &*orderbys;
+            state.nulls_first = key.sk_strategy == NULLS_FIRST_STRATEGY;
             if key.sk_flags & pg_sys::SK_ISNULL as i32 == 0 {
                 state.query = Some(datum::with(key.sk_argument, |v| v.to_vec()));
             }
@@ -195,16 +209,25 @@ pub unsafe extern "C-unwind" fn amgettuple(
                 );
             }
             state.scan = Some(start(index, &rel, query));
+            if state.nulls_first {
+                let tids = rsclip_index::null_tids(&rel).unwrap_or_else(|e| raise(index, e));
+                state.nulls = Some(tids.into_iter());
+            }
+        }
+        if let Some(tid) = state.nulls.as_mut().and_then(|n| n.next()) {
+            return return_row(scan, tid, Some(f32::NEG_INFINITY));
         }
         let Some(query) = query else {
-            // NULL query: no distances to compute, no heap rows to read.
+            // NULL query: no distances to compute, no heap rows to read. Every distance is
+            // NULL (`<#^`: -infinity).
             let next = state
                 .scan
                 .as_mut()
                 .expect("started above")
                 .next(&rel, &mut |_| Some(0.0));
+            let distance = state.nulls_first.then_some(f32::NEG_INFINITY);
             return match next {
-                Ok(Some((tid, _))) => return_row(scan, tid, None),
+                Ok(Some((tid, _))) => return_row(scan, tid, distance),
                 Ok(None) => false,
                 Err(e) => raise(index, e),
             };
@@ -288,5 +311,6 @@ pub unsafe extern "C-unwind" fn amendscan(scan: pg_sys::IndexScanDesc) {
         }
         state.scan = None;
         state.query = None;
+        state.nulls = None;
     }
 }

@@ -84,8 +84,8 @@ def assert_uses_index(plan, index):
     assert not re.search(r"\bSort\b", plan), plan
 
 
-# (name, query, index it must use). `tiles.emb` is NOT NULL, so `DESC` alone is enough there;
-# `loose.emb` is nullable, so a score key needs NULLS LAST or a WHERE that excludes NULLs.
+# (name, query, index it must use). `tiles.emb` is NOT NULL; on the nullable `loose.emb` a score
+# key with NULLS LAST or a WHERE that excludes NULLs is `<#>`, one with DESC alone `<#^` (below).
 FORMS = [
     ("operator, text", "SELECT id FROM tiles ORDER BY emb <#> rsclip_encode_text('airport') LIMIT 10", "tiles_ip"),
     ("operator, scalar subquery",
@@ -226,14 +226,61 @@ def exact_rows(conn, sql):
         conn.execute("RESET enable_indexscan; RESET enable_bitmapscan")
 
 
-def test_nulls_first_on_a_nullable_column_is_not_rewritten(conn, data):
-    # DESC alone puts NULL scores first; `<#>` (and the index) would put them last or skip them,
-    # so this form keeps the exact plan, and its answer starts with the NULL rows.
-    sql = "SELECT id, rsclip_score(emb, rsclip_encode_text('airport')) FROM loose ORDER BY 2 DESC LIMIT 10"
-    plan = plan_of(conn, sql)
-    assert "loose_ip" not in plan, plan
-    rows = conn.execute(sql).fetchall()
-    assert all(score is None for _, score in rows), rows
+NULLS_FIRST_FORMS = [
+    ("score, output column", "SELECT id, rsclip_score(emb, rsclip_encode_text('airport')) FROM loose "
+     "ORDER BY 2 DESC LIMIT {k}"),
+    ("score", "SELECT id FROM loose ORDER BY rsclip_score(emb, rsclip_encode_text('airport')) DESC LIMIT {k}"),
+    ("score, function in FROM",
+     "SELECT id FROM loose, rsclip_encode_text('airport') q ORDER BY rsclip_score(emb, q) DESC LIMIT {k}"),
+    ("score, NULLS FIRST spelled out",
+     "SELECT id FROM loose ORDER BY rsclip_score(emb, rsclip_encode_text('airport')) DESC NULLS FIRST LIMIT {k}"),
+]
+
+
+@pytest.mark.parametrize("name,sql", NULLS_FIRST_FORMS, ids=[f[0] for f in NULLS_FIRST_FORMS])
+def test_nulls_first_on_a_nullable_column_uses_the_index(conn, data, name, sql):
+    """DESC puts NULL scores first: the key becomes `<#^` (NULLs at -infinity), which the index
+    serves from its chain of NULL rows, then the others in score order, as the sort would."""
+    nulls = set(ids(conn, "SELECT id FROM loose WHERE emb IS NULL"))
+    assert len(nulls) == NULL_ROWS
+    for k in [10, NULL_ROWS + 10]:
+        q = sql.format(k=k)
+        plan = plan_of(conn, q)
+        assert_uses_index(plan, "loose_ip")
+        assert "<#^" in plan, plan
+        got, exact = index_ids(conn, q, "loose_ip"), exact_ids(conn, q)
+        assert len(got) == k
+        head = min(k, NULL_ROWS)
+        # NULL scores tie: the rows among them may come in any order, in the sort too.
+        assert set(got[:head]) <= nulls and set(exact[:head]) <= nulls
+        assert got[head:] == exact[head:]
+
+
+def test_nulls_first_follows_inserts_updates_and_vacuum(conn, data):
+    """The backfill case: rows inserted with no embedding yet, then filled in. The index holds
+    the NULL rows until they are updated and VACUUM removes their old versions."""
+    dims = data["dims"]
+    conn.execute(f"CREATE TEMP TABLE fill (id int PRIMARY KEY, emb embedding({dims}))")
+    conn.execute("INSERT INTO fill SELECT g, NULL FROM generate_series(1, 3000) g")
+    conn.execute("CREATE INDEX fill_ip ON fill USING rsclip (emb embedding_ip_ops)")
+    conn.execute("UPDATE fill f SET emb = t.emb FROM tiles t WHERE t.id = f.id AND f.id % 3 <> 0")
+    conn.execute("INSERT INTO fill SELECT g, NULL FROM generate_series(3001, 3100) g")
+    conn.execute("VACUUM fill")
+    conn.execute("ANALYZE fill")
+    report = conn.execute("SELECT rsclip_index_check('fill_ip')").fetchone()[0]
+    assert report["null_tuples"] == 1000 + 100, report
+    assert report["index_tuples"] == report["heap_rows_checked"] == 3100, report
+    sql = "SELECT id FROM fill ORDER BY rsclip_score(emb, '{literal}') DESC LIMIT 1110".replace(
+        "{literal}", data["literal"])
+    # (A third of the table: the planner prefers a sequential scan; index_ids makes it use and
+    # checks the index.)
+    got, exact = index_ids(conn, sql, "fill_ip"), exact_ids(conn, sql)
+    nulls = set(ids(conn, "SELECT id FROM fill WHERE emb IS NULL"))
+    assert set(got[:1100]) == nulls == set(exact[:1100])
+    assert got[1100:] == exact[1100:]
+    # The strict operator leaves NULL rows out, as pgvector's indexes do.
+    strict = f"SELECT id FROM fill ORDER BY emb <#> '{data['literal']}' LIMIT 5000"
+    assert not nulls & set(index_ids(conn, strict, "fill_ip"))
 
 
 def test_other_sort_keys_are_left_alone(conn, data):

@@ -23,11 +23,11 @@ use crate::common::{encode_row, prepare};
 use crate::format::{
     block_rows, centroid_chunk_capacity, encode_block, encode_centroid_chunk, has_refine,
     refine_tuple_size, CodeBlock, Meta, RowCode, META_BLOCK, PAGE_CENTROID, PAGE_LIST, PAGE_META,
-    PAGE_REFINE, ROTATION_ROUNDS, SLOT_BYTES,
+    PAGE_NULLS, PAGE_REFINE, ROTATION_ROUNDS, SLOT_BYTES,
 };
 use crate::page::{fits, Opaque, PageRead, PageWrite, Relation};
 use crate::rabitq::{padded_dims, Rotation};
-use crate::{BlockNumber, Error, Metric, Result, Tid, MAX_DIMS, MAX_LISTS};
+use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK, MAX_DIMS, MAX_LISTS};
 
 /// Number of lists for a table of `n_rows` rows: `n_rows / 300` up to 30 000 rows (100 lists),
 /// rising linearly to 1000 lists at 100 000 rows, `sqrt(10 · n_rows)` beyond (3162 at a
@@ -83,6 +83,8 @@ pub struct BuildStats {
     pub tuples: u64,
     /// Zero vectors skipped (cosine).
     pub skipped_zero: u64,
+    /// Rows with a NULL value (in the NULL chain).
+    pub nulls: u64,
     /// Times the buffers were flushed (at least 1 when anything was indexed).
     pub flushes: u64,
     /// Number of lists.
@@ -362,6 +364,8 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
             build_tuples: 0,
             build_skipped: 0,
             build_mean_f1: 0.0,
+            // Placeholder until the page exists (the meta page is rewritten at the end).
+            null_head: INVALID_BLOCK - 1,
         };
         w.add_item(&meta.encode())
             .ok_or_else(|| Error::corrupt(META_BLOCK, "meta item does not fit"))?;
@@ -413,8 +417,14 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
         }
         drop(w);
 
+        // NULL chain head
+        let (null_head, mut w) = rel.extend();
+        w.reinit(Opaque::new(PAGE_NULLS));
+        drop(w);
+
         meta.first_centroid_block = first;
         meta.first_list_block = heads[0];
+        meta.null_head = null_head;
         let builder = IndexBuilder {
             rel,
             meta,
@@ -447,6 +457,14 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
             return Err(Error::corrupt(META_BLOCK, "meta item has the wrong size"));
         }
         item.copy_from_slice(&self.meta.encode());
+        Ok(())
+    }
+
+    /// Index a heap row whose indexed value is NULL (the NULL chain: returned first by the
+    /// `NULLS FIRST` ordering operator, by no other).
+    pub fn add_null(&mut self, tid: Tid) -> Result<()> {
+        crate::common::push_null(self.rel, self.meta.null_head, tid)?;
+        self.stats.nulls += 1;
         Ok(())
     }
 

@@ -8,7 +8,9 @@
 //! crash between an extension and its link) are counted, not treated as corruption.
 
 use crate::common::{check_block, read_meta, walk_centroids, ListHeads, PageCopy};
-use crate::format::{CodeBlock, RefineTuple, META_BLOCK, PAGE_LIST, PAGE_REFINE};
+use crate::format::{
+    null_tuple_tid, CodeBlock, RefineTuple, META_BLOCK, PAGE_LIST, PAGE_NULLS, PAGE_REFINE,
+};
 use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK};
 
 /// What [`check`] found.
@@ -47,7 +49,11 @@ pub struct CheckReport {
     pub longest_chain: u32,
     /// Tuples per list.
     pub list_sizes: Vec<u64>,
-    /// Every indexed heap tid, sorted (duplicates kept).
+    /// Rows with a NULL value (in the NULL chain).
+    pub null_tuples: u64,
+    /// Pages of the NULL chain.
+    pub null_pages: u32,
+    /// Every indexed heap tid, NULL rows included, sorted (duplicates kept).
     pub tids: Vec<Tid>,
     /// Tids that appear more than once (extra occurrences).
     pub duplicate_tids: u64,
@@ -58,6 +64,7 @@ const META: u8 = 1;
 const CENTROID: u8 = 2;
 const LIST: u8 = 3;
 const REFINE: u8 = 4;
+const NULLS: u8 = 5;
 
 /// Verify the whole index.
 pub fn check<R: crate::page::Relation>(rel: &R) -> Result<CheckReport> {
@@ -98,6 +105,8 @@ pub fn check<R: crate::page::Relation>(rel: &R) -> Result<CheckReport> {
         empty_lists: 0,
         longest_chain: 0,
         list_sizes: Vec::with_capacity(heads.len()),
+        null_tuples: 0,
+        null_pages: 0,
         tids: Vec::new(),
         duplicate_tids: 0,
     };
@@ -118,7 +127,7 @@ pub fn check<R: crate::page::Relation>(rel: &R) -> Result<CheckReport> {
             rel,
             &mut owner,
             &mut page,
-            list,
+            &format!("list {list}"),
             head,
             PAGE_LIST,
             LIST,
@@ -138,7 +147,7 @@ pub fn check<R: crate::page::Relation>(rel: &R) -> Result<CheckReport> {
             rel,
             &mut owner,
             &mut page,
-            list,
+            &format!("list {list}"),
             refine_head,
             PAGE_REFINE,
             REFINE,
@@ -172,6 +181,22 @@ pub fn check<R: crate::page::Relation>(rel: &R) -> Result<CheckReport> {
         }
         report.list_sizes.push(count);
     }
+    report.null_pages = walk_chain(
+        rel,
+        &mut owner,
+        &mut page,
+        "the NULL chain",
+        meta.null_head,
+        PAGE_NULLS,
+        NULLS,
+        |blk, i, b| {
+            let tid = null_tuple_tid(b)
+                .map_err(|e| Error::corrupt(blk, format!("item {}: {}", i + 1, e.0)))?;
+            report.tids.push(tid);
+            report.null_tuples += 1;
+            Ok(())
+        },
+    )?;
     report.nblocks = owner.len() as BlockNumber;
     report.orphan_pages = owner.iter().filter(|&&o| o == FREE).count() as u32;
     report.tids.sort_unstable();
@@ -186,7 +211,7 @@ fn walk_chain<R: crate::page::Relation>(
     rel: &R,
     owner: &mut Vec<u8>,
     page: &mut PageCopy,
-    list: usize,
+    chain_name: &str,
     head: BlockNumber,
     flags: u16,
     mark: u8,
@@ -204,7 +229,7 @@ fn walk_chain<R: crate::page::Relation>(
         if owner[blk as usize] != FREE {
             return Err(Error::corrupt(
                 blk,
-                format!("list {list} reaches a page already in a chain (cycle or shared page)"),
+                format!("{chain_name} reaches a page already in a chain (cycle or shared page)"),
             ));
         }
         owner[blk as usize] = mark;
@@ -213,7 +238,7 @@ fn walk_chain<R: crate::page::Relation>(
             return Err(Error::corrupt(
                 blk,
                 format!(
-                    "expected page flags {flags:#x} in list {list}, found {:#x}",
+                    "expected page flags {flags:#x} in {chain_name}, found {:#x}",
                     page.opaque().flags
                 ),
             ));

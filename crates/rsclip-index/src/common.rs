@@ -1,8 +1,9 @@
 //! Helpers shared by the index operations.
 
 use crate::format::{
-    block_rows, block_size, encode_block, encode_refine_tuple, CentroidChunk, CodeBlock, Meta,
-    RowCode, META_BLOCK, PAGE_CENTROID, PAGE_LIST, PAGE_META,
+    block_rows, block_size, encode_block, encode_null_tuple, encode_refine_tuple, null_tuple_tid,
+    CentroidChunk, CodeBlock, Meta, RowCode, META_BLOCK, PAGE_CENTROID, PAGE_LIST, PAGE_META,
+    PAGE_NULLS,
 };
 use crate::page::{fits, Opaque, PageRead, PageWrite, Relation};
 use crate::rabitq::{encode, row_factors, Rotation};
@@ -568,4 +569,82 @@ pub(crate) fn walk_centroids<R: Relation>(
         ));
     }
     Ok(())
+}
+
+/// Add `tid` to the NULL chain whose head is `head`: into the head page, or, when it is full,
+/// after moving its items to a new page linked right after it (see [`crate::format`]). Readers
+/// that copied the head before the move follow its old link and see every item once; readers
+/// after it see the emptied head, then the new page. Two write guards at most (the head, then
+/// the new page from `extend`), as an insert that extends a chain holds.
+pub(crate) fn push_null<R: Relation>(rel: &R, head: BlockNumber, tid: Tid) -> Result<()> {
+    check_block(head, rel.nblocks(), META_BLOCK)?;
+    let tuple = encode_null_tuple(tid);
+    let mut w = rel.write(head);
+    let o = w.opaque();
+    if o.flags != PAGE_NULLS {
+        return Err(Error::corrupt(
+            head,
+            format!("expected the NULL chain's head, flags are {:#x}", o.flags),
+        ));
+    }
+    if w.add_item(&tuple).is_some() {
+        return Ok(());
+    }
+    let (nb, mut nw) = rel.extend();
+    nw.reinit(Opaque {
+        next: o.next,
+        flags: PAGE_NULLS,
+    });
+    for off in 1..=w.max_offset() {
+        if let Some(b) = w.item(off) {
+            nw.add_item(b).ok_or_else(|| {
+                Error::corrupt(nb, "a NULL chain page does not fit on a new page")
+            })?;
+        }
+    }
+    drop(nw); // WAL record 1: the complete copy
+    w.reinit(Opaque {
+        next: nb,
+        flags: PAGE_NULLS,
+    });
+    w.add_item(&tuple)
+        .ok_or_else(|| Error::corrupt(head, "an empty page refused a NULL tuple"))?;
+    drop(w); // WAL record 2: the emptied head with the new tuple, linked to the copy
+    Ok(())
+}
+
+/// Every heap tid in the NULL chain, in chain order, calling `on_page` for each page.
+pub(crate) fn walk_nulls<R: Relation>(
+    rel: &R,
+    meta: &Meta,
+    mut on_page: impl FnMut(BlockNumber),
+) -> Result<Vec<Tid>> {
+    let mut tids = Vec::new();
+    let mut blk = meta.null_head;
+    let mut from = META_BLOCK;
+    let mut walk = ChainWalk::new(rel, meta.null_head);
+    let mut page = PageCopy::default();
+    while blk != INVALID_BLOCK {
+        walk.step(rel, blk, from)?;
+        page.load(rel, blk);
+        on_page(blk);
+        if page.opaque().flags != PAGE_NULLS {
+            return Err(Error::corrupt(
+                blk,
+                format!(
+                    "expected a NULL chain page, flags are {:#x}",
+                    page.opaque().flags
+                ),
+            ));
+        }
+        for i in 0..page.len() {
+            let b = page
+                .item(i)
+                .ok_or_else(|| Error::corrupt(blk, format!("item {} is unused", i + 1)))?;
+            tids.push(null_tuple_tid(b).map_err(|e| Error::corrupt(blk, e.0))?);
+        }
+        from = blk;
+        blk = page.opaque().next;
+    }
+    Ok(tids)
 }

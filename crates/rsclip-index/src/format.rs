@@ -1,18 +1,20 @@
-//! On-disk format, version 4. All integers and floats are little endian.
+//! On-disk format, version 5. All integers and floats are little endian.
 //!
 //! ## Pages
 //! Every page's [`Opaque`](crate::page::Opaque) carries `next` (the next page of its chain or
 //! `INVALID_BLOCK`) and `flags` = exactly one of [`PAGE_META`], [`PAGE_CENTROID`], [`PAGE_LIST`],
-//! [`PAGE_REFINE`].
+//! [`PAGE_REFINE`], [`PAGE_NULLS`].
 //!
 //! Layout of a freshly built index with `L` lists:
-//! - block 0: meta page, one item ([`Meta`], 64 bytes).
+//! - block 0: meta page, one item ([`Meta`], 72 bytes).
 //! - blocks `1 ..= L`: the head page of each list's *code chain* (list `i` starts at block
 //!   `1 + i`), initially empty;
 //! - blocks `L + 1 ..= 2L`: the head page of each list's *refinement chain* (list `i`: block
 //!   `1 + L + i`, see [`Meta::refine_head`]); a chain's later pages follow wherever they were
 //!   allocated (at the end of a build, the pages of one chain are contiguous).
-//! - blocks `2L + 1 ..`: the centroid chain (`Meta::first_centroid_block`).
+//! - blocks `2L + 1 ..`: the centroid chain (`Meta::first_centroid_block`);
+//! - then the head of the *NULL chain* (`Meta::null_head`): the heap tids of rows whose indexed
+//!   value is NULL, which the `NULLS FIRST` ordering operator returns before all others.
 //!
 //! Why two chains per list: a scan reads every code tuple of the lists it probes but the
 //! 8-bit refinement code of only the few rows whose 1-bit bounds leave them in the running.
@@ -35,6 +37,8 @@
 //! | 44 | f32 | mean `f1` of the rows the build wrote (about their mean residual norm; 0 when none), see [`crate::insert()`] |
 //! | 48 | u64 | tuples indexed by the build |
 //! | 56 | u64 | zero vectors skipped by the build (cosine) |
+//! | 64 | u32 | head block of the NULL chain |
+//! | 68 | u32 | reserved (0) |
 //!
 //! ## Centroid item (16 + 4n bytes)
 //! Centroids are stored *rotated* (the RaBitQ rotation applied to the zero-padded centroid,
@@ -88,6 +92,13 @@
 //! | 20 | f32 | `<r, c>` |
 //! | 24 | u8 × D | rotated residual ≈ `lo + delta * u_i` (round to nearest) |
 
+//!
+//! ## NULL tuple (6 bytes), in the NULL chain
+//! The heap tid (block u32, offset u16) of a row whose indexed value is NULL. Inserts add to the
+//! chain's head page; when it is full its items move to a new page linked right after it (that
+//! page first, complete, then the emptied head), so the head never changes and an insert reads
+//! one page.
+
 use crate::page::MAX_ITEM_SIZE;
 use crate::rabitq::padded_dims;
 use crate::{BlockNumber, Metric, Tid, INVALID_BLOCK, MAX_DIMS, MAX_LISTS};
@@ -96,10 +107,10 @@ use std::fmt;
 
 /// Magic number of the meta page ("RSIQ").
 pub const MAGIC: u32 = 0x5153_4952;
-/// Format version written by this crate (4: codes in fast-scan blocks of 32 rows; 3: one code
-/// tuple per row; 3 and 4 keep refinement codes in chains of their own, 2 kept
-/// them in the list tuples).
-pub const VERSION: u32 = 4;
+/// Format version written by this crate (5: a NULL chain, lists added by inserts; 4: codes in
+/// fast-scan blocks of 32 rows; 3: one code tuple per row; 3 to 5 keep refinement codes in
+/// chains of their own, 2 kept them in the list tuples).
+pub const VERSION: u32 = 5;
 /// Block number of the meta page.
 pub const META_BLOCK: BlockNumber = 0;
 /// Opaque flag of the meta page.
@@ -110,6 +121,10 @@ pub const PAGE_CENTROID: u16 = 0x0002;
 pub const PAGE_LIST: u16 = 0x0004;
 /// Opaque flag of refinement chain pages.
 pub const PAGE_REFINE: u16 = 0x0008;
+/// Opaque flag of NULL chain pages.
+pub const PAGE_NULLS: u16 = 0x0010;
+/// Size of a NULL tuple (a heap tid).
+pub const NULL_TUPLE_SIZE: usize = 6;
 /// Rotation rounds used by new indexes.
 pub const ROTATION_ROUNDS: u32 = 3;
 /// Size of the centroid item header.
@@ -186,6 +201,8 @@ pub struct Meta {
     /// Mean `f1` (nearly proportional to the residual norm) of the rows the build wrote: how
     /// far a row usually is from its list's centroid. 0 when the build wrote none.
     pub build_mean_f1: f32,
+    /// Head page of the NULL chain.
+    pub null_head: BlockNumber,
 }
 
 // `build_mean_f1` is finite in every decoded or built meta page, so equality is an equivalence.
@@ -193,7 +210,7 @@ impl Eq for Meta {}
 
 impl Meta {
     /// Encoded size.
-    pub const SIZE: usize = 64;
+    pub const SIZE: usize = 72;
 
     /// Lists the build made (later lists are added by inserts, see [`crate::insert()`]): the
     /// build lays out their code heads, then their refinement heads, then the centroid chain.
@@ -228,17 +245,14 @@ impl Meta {
         b[44..48].copy_from_slice(&self.build_mean_f1.to_le_bytes());
         b[48..56].copy_from_slice(&self.build_tuples.to_le_bytes());
         b[56..64].copy_from_slice(&self.build_skipped.to_le_bytes());
+        b[64..68].copy_from_slice(&self.null_head.to_le_bytes());
         b
     }
 
     /// Parse and validate the meta item.
     pub fn decode(b: &[u8]) -> Result<Meta, FormatError> {
-        if b.len() != Meta::SIZE {
-            return err(format!(
-                "meta item has {} bytes, expected {}",
-                b.len(),
-                Meta::SIZE
-            ));
+        if b.len() < 8 {
+            return err(format!("meta item has {} bytes", b.len()));
         }
         if u32_at(b, 0) != MAGIC {
             return err(format!("bad magic number {:#010x}", u32_at(b, 0)));
@@ -256,6 +270,13 @@ impl Meta {
                      reads format {VERSION}): install that version, or REINDEX with this one"
                 )
             });
+        }
+        if b.len() != Meta::SIZE {
+            return err(format!(
+                "meta item has {} bytes, expected {}",
+                b.len(),
+                Meta::SIZE
+            ));
         }
         let dims = u32_at(b, 8);
         if dims == 0 || dims > MAX_DIMS {
@@ -301,6 +322,13 @@ impl Meta {
                  at most {nlists} lists from block {first_list_block}"
             ));
         }
+        let null_head = u32_at(b, 64);
+        if null_head == 0 || null_head == INVALID_BLOCK {
+            return err(format!("invalid NULL chain head {null_head}"));
+        }
+        if u32_at(b, 68) != 0 {
+            return err("reserved meta field is not zero");
+        }
         Ok(Meta {
             dims,
             padded_dims: padded,
@@ -313,6 +341,7 @@ impl Meta {
             build_tuples: u64_at(b, 48),
             build_skipped: u64_at(b, 56),
             build_mean_f1,
+            null_head,
         })
     }
 }
@@ -699,6 +728,28 @@ pub fn tuple_tid(b: &[u8]) -> Option<Tid> {
     })
 }
 
+/// Encode a NULL tuple.
+pub fn encode_null_tuple(tid: Tid) -> [u8; NULL_TUPLE_SIZE] {
+    let mut b = [0u8; NULL_TUPLE_SIZE];
+    b[0..4].copy_from_slice(&tid.block.to_le_bytes());
+    b[4..6].copy_from_slice(&tid.offset.to_le_bytes());
+    b
+}
+
+/// The heap tid of a NULL tuple.
+pub fn null_tuple_tid(b: &[u8]) -> Result<Tid, FormatError> {
+    if b.len() != NULL_TUPLE_SIZE {
+        return err(format!(
+            "NULL tuple has {} bytes, expected {NULL_TUPLE_SIZE}",
+            b.len()
+        ));
+    }
+    match tuple_tid(b) {
+        Some(t) if t.offset != 0 => Ok(t),
+        _ => err("NULL tuple has heap offset 0"),
+    }
+}
+
 impl<'a> RefineTuple<'a> {
     /// Parse and validate a refinement tuple.
     pub fn decode(b: &'a [u8], padded_dims: usize) -> Result<RefineTuple<'a>, FormatError> {
@@ -795,6 +846,7 @@ mod tests {
             build_tuples: 12345,
             build_skipped: 3,
             build_mean_f1: 0.75,
+            null_head: 202,
         }
     }
 
@@ -815,12 +867,16 @@ mod tests {
             (36, 0),
             (44, f32::NAN.to_bits()),
             (44, (-1f32).to_bits()),
+            (64, 0),
+            (64, u32::MAX),
+            (68, 1),
         ] {
             let mut c = b;
             c[off..off + 4].copy_from_slice(&val.to_le_bytes());
             assert!(Meta::decode(&c).is_err(), "offset {off}");
         }
-        assert!(Meta::decode(&b[..63]).is_err());
+        assert!(Meta::decode(&b[..71]).is_err());
+        assert!(Meta::decode(&b[..64]).is_err());
     }
 
     #[test]
@@ -832,6 +888,29 @@ mod tests {
             let e = format!("{:?}", Meta::decode(&c).unwrap_err());
             assert!(e.contains(says) && e.contains("REINDEX"), "{e}");
         }
+        // A version 4 meta item was 64 bytes: the version is read before the size.
+        let mut c = b[..64].to_vec();
+        c[4..8].copy_from_slice(&4u32.to_le_bytes());
+        let e = Meta::decode(&c).unwrap_err();
+        assert!(
+            e.0.contains("older rsclip") && e.0.contains("REINDEX"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn null_tuple_roundtrip() {
+        let tid = Tid {
+            block: 70_000,
+            offset: 9,
+        };
+        assert_eq!(null_tuple_tid(&encode_null_tuple(tid)), Ok(tid));
+        assert!(null_tuple_tid(&encode_null_tuple(Tid {
+            block: 1,
+            offset: 0
+        }))
+        .is_err());
+        assert!(null_tuple_tid(&[0u8; 8]).is_err());
     }
 
     fn row(i: u32, d: usize) -> RowCode {

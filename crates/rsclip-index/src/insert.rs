@@ -118,6 +118,12 @@ pub fn list_page_limit(meta: &Meta, nblocks: u32) -> u32 {
     ((LIST_GROWTH as f64 * mean).ceil() as u64).clamp(MIN_LIST_PAGES as u64, u32::MAX as u64) as u32
 }
 
+/// Index the heap row `tid` whose indexed value is NULL (into the NULL chain: one page).
+pub fn insert_null<R: Relation>(rel: &R, tid: Tid) -> Result<()> {
+    let meta = read_meta(rel)?;
+    crate::common::push_null(rel, meta.null_head, tid)
+}
+
 /// Index the heap row `tid` with vector `vector` (not yet rotated).
 pub fn insert<R: Relation>(rel: &R, tid: Tid, vector: &[f32]) -> Result<InsertOutcome> {
     loop {

@@ -103,9 +103,9 @@ pub mod vacuum;
 pub use build::{default_lists, sample_size, AddOutcome, BuildParams, BuildStats, IndexBuilder};
 pub use check::{check, CheckReport};
 pub use common::read_meta;
-pub use insert::{insert, InsertOutcome};
+pub use insert::{insert, insert_null, InsertOutcome};
 pub use kmeans::train_centroids;
-pub use scan::{default_probes, Centroids, Scan, ScanStats};
+pub use scan::{default_probes, null_tids, Centroids, Scan, ScanStats};
 pub use vacuum::{bulk_delete, DeleteStats};
 
 /// A block (page) number inside the index relation.

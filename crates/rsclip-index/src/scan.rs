@@ -173,6 +173,13 @@ impl Centroids {
     }
 }
 
+/// The heap tids of the rows whose indexed value is NULL (the NULL chain), which the
+/// `NULLS FIRST` ordering returns before every other row.
+pub fn null_tids<R: Relation>(rel: &R) -> Result<Vec<Tid>> {
+    let meta = read_meta(rel)?;
+    crate::common::walk_nulls(rel, &meta, |_| {})
+}
+
 /// State of one index scan. Not tied to the relation: pass it to every [`Scan::next`] call.
 pub struct Scan {
     meta: Meta,

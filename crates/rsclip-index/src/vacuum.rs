@@ -13,7 +13,8 @@
 
 use crate::common::{read_meta, walk_centroids, ChainWalk, ListHeads, PageCopy};
 use crate::format::{
-    encode_block, refine_tuple_tid, CodeBlock, FormatError, RowCode, PAGE_LIST, PAGE_REFINE,
+    encode_block, null_tuple_tid, refine_tuple_tid, CodeBlock, FormatError, RowCode, PAGE_LIST,
+    PAGE_NULLS, PAGE_REFINE,
 };
 use crate::page::{PageRead, PageWrite, Relation};
 use crate::{Error, Result, Tid, INVALID_BLOCK};
@@ -52,6 +53,19 @@ pub fn bulk_delete<R: Relation>(
     let mut stats = DeleteStats::default();
     let mut page = PageCopy::default();
     let mut dead = HashSet::new();
+    let nulls = clean_chain(
+        rel,
+        meta.null_head,
+        PAGE_NULLS,
+        &null_tuple_tid,
+        is_dead,
+        &mut page,
+        &mut dead,
+    )?;
+    stats.pages_visited += nulls.pages_visited;
+    stats.pages_modified += nulls.pages_modified;
+    stats.tuples_removed += nulls.tuples_removed;
+    stats.tuples_remaining += nulls.tuples_remaining;
     for ListHeads {
         code: head,
         refine: refine_head,

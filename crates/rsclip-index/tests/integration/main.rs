@@ -5,4 +5,5 @@ mod concurrency;
 mod corruption;
 mod drift;
 mod lifecycle;
+mod nulls;
 mod recall;
