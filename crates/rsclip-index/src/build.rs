@@ -21,9 +21,8 @@
 
 use crate::common::{encode_row, prepare};
 use crate::format::{
-    block_rows, centroid_chunk_capacity, encode_block, encode_centroid_chunk, has_refine,
-    refine_tuple_size, CodeBlock, Meta, RowCode, META_BLOCK, PAGE_CENTROID, PAGE_LIST, PAGE_META,
-    PAGE_NULLS, PAGE_REFINE, ROTATION_ROUNDS, SLOT_BYTES,
+    block_rows, encode_block, has_refine, refine_tuple_size, CodeBlock, Meta, RowCode, META_BLOCK,
+    PAGE_CENTROID, PAGE_LIST, PAGE_META, PAGE_NULLS, PAGE_REFINE, ROTATION_ROUNDS, SLOT_BYTES,
 };
 use crate::page::{fits, Opaque, PageRead, PageWrite, Relation};
 use crate::rabitq::{padded_dims, Rotation};
@@ -390,30 +389,15 @@ impl<'r, R: Relation> IndexBuilder<'r, R> {
         w.reinit(Opaque::new(PAGE_CENTROID));
         let mut cur_blk = first;
         for (list, c) in cents.chunks_exact(d).enumerate() {
-            let mut start = 0;
-            while start < d {
-                let n = centroid_chunk_capacity(w.free_space()).min(d - start);
-                if n < (d - start).min(64) {
-                    let (nb, mut nw) = rel.extend();
-                    nw.reinit(Opaque::new(PAGE_CENTROID));
-                    let o = w.opaque();
-                    w.set_opaque(Opaque { next: nb, ..o });
-                    drop(w);
-                    w = nw;
-                    cur_blk = nb;
-                    continue;
-                }
-                let item = encode_centroid_chunk(
-                    list as u32,
-                    heads[list],
-                    0,
-                    start as u32,
-                    &c[start..start + n],
-                );
-                w.add_item(&item)
-                    .ok_or_else(|| Error::corrupt(cur_blk, "centroid chunk does not fit"))?;
-                start += n;
-            }
+            (w, cur_blk) = crate::common::append_centroid_chunks(
+                rel,
+                w,
+                cur_blk,
+                list as u32,
+                heads[list],
+                0,
+                c,
+            )?;
         }
         drop(w);
 

@@ -1,9 +1,9 @@
 //! Helpers shared by the index operations.
 
 use crate::format::{
-    block_rows, block_size, encode_block, encode_null_tuple, encode_refine_tuple, null_tuple_tid,
-    CentroidChunk, CodeBlock, Meta, RowCode, META_BLOCK, PAGE_CENTROID, PAGE_LIST, PAGE_META,
-    PAGE_NULLS,
+    block_rows, block_size, centroid_chunk_capacity, encode_block, encode_centroid_chunk,
+    encode_null_tuple, encode_refine_tuple, null_tuple_tid, CentroidChunk, CodeBlock, Meta,
+    RowCode, META_BLOCK, PAGE_CENTROID, PAGE_LIST, PAGE_META, PAGE_NULLS,
 };
 use crate::page::{fits, Opaque, PageRead, PageWrite, Relation};
 use crate::rabitq::{encode, row_factors, Rotation};
@@ -647,4 +647,44 @@ pub(crate) fn walk_nulls<R: Relation>(
         blk = page.opaque().next;
     }
     Ok(tids)
+}
+
+/// Append centroid `c` of list `list` (heads `code_head`, `refine_head`: 0 for a built list) as
+/// chunks after the items of the locked centroid page `w` (block `blk`), continuing on new
+/// pages linked after it when it is full. Returns the guard and block of the last page written.
+pub(crate) fn append_centroid_chunks<'a, R: Relation>(
+    rel: &'a R,
+    mut w: R::Write<'a>,
+    mut blk: BlockNumber,
+    list: u32,
+    code_head: BlockNumber,
+    refine_head: BlockNumber,
+    c: &[f32],
+) -> Result<(R::Write<'a>, BlockNumber)> {
+    let d = c.len();
+    let mut start = 0;
+    while start < d {
+        let n = centroid_chunk_capacity(w.free_space()).min(d - start);
+        if n < (d - start).min(64) {
+            let (nb, mut nw) = rel.extend();
+            nw.reinit(Opaque::new(PAGE_CENTROID));
+            let o = w.opaque();
+            w.set_opaque(Opaque { next: nb, ..o });
+            drop(w);
+            w = nw;
+            blk = nb;
+            continue;
+        }
+        let item = encode_centroid_chunk(
+            list,
+            code_head,
+            refine_head,
+            start as u32,
+            &c[start..start + n],
+        );
+        w.add_item(&item)
+            .ok_or_else(|| Error::corrupt(blk, "centroid chunk does not fit"))?;
+        start += n;
+    }
+    Ok((w, blk))
 }

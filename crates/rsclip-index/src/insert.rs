@@ -48,9 +48,8 @@ use crate::common::{
     read_meta, walk_centroids, PageCopy,
 };
 use crate::format::{
-    block_rows, block_size, centroid_chunk_capacity, encode_block, encode_centroid_chunk,
-    has_refine, refine_tuple_size, CentroidChunk, Meta, META_BLOCK, PAGE_CENTROID, PAGE_LIST,
-    PAGE_META, PAGE_REFINE,
+    block_rows, block_size, encode_block, has_refine, refine_tuple_size, CentroidChunk, Meta,
+    META_BLOCK, PAGE_CENTROID, PAGE_LIST, PAGE_META, PAGE_REFINE,
 };
 use crate::page::{
     maxalign, Opaque, PageRead, PageWrite, Relation, EMPTY_PAGE_FREE_SPACE, ITEM_ID_SIZE,
@@ -333,30 +332,6 @@ fn append_centroid<R: Relation>(
             ..o
         });
     }
-    let mut cur = blk;
-    let mut start = 0;
-    while start < d {
-        let n = centroid_chunk_capacity(w.free_space()).min(d - start);
-        if n < (d - start).min(64) {
-            let (nb, mut nw) = rel.extend();
-            nw.reinit(Opaque::new(PAGE_CENTROID));
-            let o = w.opaque();
-            w.set_opaque(Opaque { next: nb, ..o });
-            drop(w);
-            w = nw;
-            cur = nb;
-            continue;
-        }
-        let item = encode_centroid_chunk(
-            meta.nlists,
-            code_head,
-            refine_head,
-            start as u32,
-            &c[start..start + n],
-        );
-        w.add_item(&item)
-            .ok_or_else(|| Error::corrupt(cur, "centroid chunk does not fit"))?;
-        start += n;
-    }
+    crate::common::append_centroid_chunks(rel, w, blk, meta.nlists, code_head, refine_head, c)?;
     Ok(())
 }
