@@ -38,14 +38,22 @@ use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK, MAX_DIMS, MA
 /// tables keep lists of about 300 rows: with 100-row lists the 4000-row real set needed more
 /// than the default probes for recall 0.95 (tests/integration/recall.rs).
 pub fn default_lists(n_rows: u64) -> u32 {
-    let l = if n_rows <= 30_000 {
-        n_rows / 300
-    } else if n_rows <= 100_000 {
-        100 + (n_rows - 30_000) * 900 / 70_000
+    (default_lists_curve(n_rows as f64) as u64).clamp(1, MAX_LISTS as u64) as u32
+}
+
+/// The curve [`default_lists`] rounds down: unrounded and not raised to 1, so that
+/// `n / default_lists_curve(n)` (a default build's mean list) is a smooth function of `n`:
+/// 300 rows up to 30 000 rows, falling to 100 at 100 000, `sqrt(n / 10)` beyond, and growing
+/// again where [`MAX_LISTS`] caps the lists.
+pub fn default_lists_curve(n_rows: f64) -> f64 {
+    let l = if n_rows <= 30_000.0 {
+        n_rows / 300.0
+    } else if n_rows <= 100_000.0 {
+        100.0 + (n_rows - 30_000.0) * 900.0 / 70_000.0
     } else {
-        ((n_rows as f64) * 10.0).sqrt() as u64
+        (n_rows * 10.0).sqrt()
     };
-    l.clamp(1, MAX_LISTS as u64) as u32
+    l.min(MAX_LISTS as f64)
 }
 
 /// Number of sample rows to train `lists` centroids on: 50 per list, at least 10 000.

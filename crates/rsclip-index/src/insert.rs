@@ -95,7 +95,11 @@ pub fn rows_per_page(padded_dims: usize) -> u64 {
 
 /// Pages a list's code chain may reach before an insert that would extend it starts a new
 /// list instead: [`LIST_GROWTH`] times the mean list of a fresh build of the index's present
-/// size ([`crate::default_lists`] of its rows), at least [`MIN_LIST_PAGES`]. No row count is
+/// size (the unrounded [`crate::build::default_lists_curve`] of its rows), at least
+/// [`MIN_LIST_PAGES`]: 2400 rows up to 30 000 rows, falling to 800 rows at 100 000 (where a
+/// fresh build's lists shrink too, so an index grown by inserts keeps splitting off lists on
+/// the way, and a chain grown before stays over the bound, which `rsclip_index_check` shows),
+/// `8 · sqrt(rows / 10)` beyond. No row count is
 /// kept anywhere (the build's would be stale), so the rows are estimated from the relation's
 /// size (`nblocks`) and the code chains' share of the bytes a row costs. The bound follows the
 /// index as it grows: rows of the build's distribution keep the lists near their build-time
@@ -112,9 +116,25 @@ pub fn list_page_limit(meta: &Meta, nblocks: u32) -> u32 {
     let centroid_pages = (meta.nlists as u64 * d as u64 * 4).div_ceil(EMPTY_PAGE_FREE_SPACE as u64);
     let list_pages =
         nblocks.saturating_sub(1 + centroid_pages as u32) as f64 * code / (code + refine);
-    let rows = list_pages * rows_per_page(d) as f64;
-    let mean = list_pages / crate::default_lists(rows as u64).max(1) as f64;
-    ((LIST_GROWTH as f64 * mean).ceil() as u64).clamp(MIN_LIST_PAGES as u64, u32::MAX as u64) as u32
+    // Each list's tail page is about half full: counting it as full would overstate the rows
+    // most where lists are small (and so the bound would fall early, in the 30k..100k band).
+    let rows = (list_pages - meta.nlists as f64 / 2.0).max(0.0) * rows_per_page(d) as f64;
+    // The unrounded curve: rounding the lists down would make a one-list bound of all pages
+    // below 600 rows (so an index built empty grows its first list unchecked), and bounds that
+    // jump down as the index grows past each multiple of 300 rows.
+    let mean = if rows > 0.0 {
+        rows_mean(rows) / rows_per_page(d) as f64
+    } else {
+        0.0
+    };
+    // (Less a hair: 300 rows' worth of pages, an integer, must not round up by float error.)
+    ((LIST_GROWTH as f64 * mean - 1e-6).ceil() as u64).clamp(MIN_LIST_PAGES as u64, u32::MAX as u64)
+        as u32
+}
+
+/// The mean rows of a list of a default build of `rows` rows.
+fn rows_mean(rows: f64) -> f64 {
+    rows / crate::build::default_lists_curve(rows).max(f64::MIN_POSITIVE)
 }
 
 /// Index the heap row `tid` whose indexed value is NULL (into the NULL chain: one page).
@@ -334,4 +354,89 @@ fn append_centroid<R: Relation>(
     }
     crate::common::append_centroid_chunks(rel, w, blk, meta.nlists, code_head, refine_head, c)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Metric;
+
+    fn meta(dims: u32, nlists: u32) -> Meta {
+        Meta {
+            dims,
+            padded_dims: dims.div_ceil(64) * 64,
+            metric: Metric::Cosine,
+            nlists,
+            seed: 1,
+            rounds: crate::format::ROTATION_ROUNDS,
+            first_centroid_block: 3,
+            first_list_block: 1,
+            build_tuples: 0,
+            build_skipped: 0,
+            build_mean_f1: 0.0,
+            null_head: 4,
+        }
+    }
+
+    /// Pages of `rows` rows of `dims` dimensions.
+    fn pages_for(dims: u32, rows: u64) -> f64 {
+        rows as f64 / rows_per_page(dims.div_ceil(64) as usize * 64) as f64
+    }
+
+    #[test]
+    fn page_bound_is_flat_up_to_30k_rows_and_follows_a_fresh_build_beyond() {
+        for dims in [64u32, 96, 384, 768] {
+            let pd = dims.div_ceil(64) as usize * 64;
+            let flat = (8.0 * pages_for(dims, 300) - 1e-6).ceil().max(4.0) as u32;
+            let mut last = None;
+            // One list growing from empty to 30k rows and many lists alike: the bound never
+            // moves (no one-list bound of all pages, no float jump at 300-row multiples).
+            for nlists in [1u32, 7, 60] {
+                for nblocks in (5..4_000u32).step_by(7) {
+                    let m = meta(dims, nlists);
+                    let code = block_size(pd) as f64 / block_rows(pd) as f64;
+                    let refine = if has_refine(pd) {
+                        (refine_tuple_size(pd) + ITEM_ID_SIZE) as f64
+                    } else {
+                        0.0
+                    };
+                    let centroid_pages = (nlists as u64 * pd as u64 * 4)
+                        .div_ceil(EMPTY_PAGE_FREE_SPACE as u64)
+                        as f64;
+                    let list_pages =
+                        (nblocks as f64 - 1.0 - centroid_pages) * code / (code + refine);
+                    let rows = (list_pages - nlists as f64 / 2.0) * rows_per_page(pd) as f64;
+                    if rows <= 0.0 || rows > 30_000.0 {
+                        continue;
+                    }
+                    let b = list_page_limit(&m, nblocks);
+                    assert_eq!(b, flat, "dims {dims}, {nlists} lists, {nblocks} blocks");
+                    last = Some(b);
+                }
+            }
+            assert!(last.is_some(), "dims {dims}: no size up to 30k rows tried");
+            // 30k..100k: a default build's lists shrink from 300 to 100 rows, and so does the
+            // bound; past 100k it grows as sqrt(rows / 10).
+            let at = |rows: u64| {
+                let m = meta(dims, 100);
+                let code = block_size(pd) as f64 / block_rows(pd) as f64;
+                let refine = if has_refine(pd) {
+                    (refine_tuple_size(pd) + ITEM_ID_SIZE) as f64
+                } else {
+                    0.0
+                };
+                let list_pages = pages_for(dims, rows) + 50.0;
+                let nblocks = (list_pages * (code + refine) / code).ceil() as u32 + 1 + 8;
+                list_page_limit(&m, nblocks)
+            };
+            assert!(at(100_000) < at(30_000), "dims {dims}");
+            assert!(at(1_000_000) > at(100_000), "dims {dims}");
+            let want = (8.0 * pages_for(dims, 100)).ceil().max(4.0) as u32;
+            assert!(
+                at(100_000).abs_diff(want) <= 1,
+                "dims {dims}: {} at 100k, want about {want}",
+                at(100_000)
+            );
+        }
+    }
 }
