@@ -27,7 +27,7 @@ install: setup
 lint: setup
 	@$(ENV) cargo fmt --all -- --check
 	@$(ENV) cargo clippy --all-targets --features pg$(PG) --no-default-features -- -D warnings
-	@$(ENV) cargo clippy -p rsclip-core -p rsclip-model -p rsclip-index --all-targets -- -D warnings
+	@$(ENV) cargo clippy -p rsclip-core -p rsclip-model -p rsclip-index -p rsclip-infer --all-targets -- -D warnings
 
 # The pg16 and pg17 features, compiled and linted against their server headers
 # (tools/pg_headers.sh); the tests run on 18 and 15.
@@ -37,7 +37,7 @@ lint-versions: setup
 	  echo "pg$$v: compiles, clippy clean"; done
 
 unit: setup
-	@$(ENV) cargo test -p rsclip-core -p rsclip-model -p rsclip-index
+	@$(ENV) cargo test -p rsclip-core -p rsclip-model -p rsclip-index -p rsclip-infer
 
 pgtest: setup
 	@$(ENV) mkdir -p "$$RSCLIP_LOCAL/pgrx-test" && { [ "$$(id -u)" != 0 ] || chown "$$PG_USER" "$$RSCLIP_LOCAL/pgrx-test"; } && \
