@@ -16,3 +16,14 @@ COMMENT ON FUNCTION rsclip_probability(embedding, embedding) IS
     'SigLIP match probability sigmoid(cos * exp(logit_scale) + logit_bias) with the model''s scale and bias';
 CREATE FUNCTION rsclip_model_info() RETURNS jsonb
     AS 'MODULE_PATHNAME', 'rsclip_model_info' LANGUAGE C VOLATILE PARALLEL SAFE;
+
+CREATE FUNCTION rsclip_inference_stats() RETURNS jsonb
+    AS 'MODULE_PATHNAME', 'rsclip_inference_stats' LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION rsclip_inference_stats() IS
+    'per shared inference worker (rsclip.inference = worker): requests, batches, mean and max batch rows, queue wait p50/p99, model time, errors';
+
+CREATE VIEW rsclip_inference_stats AS
+    SELECT * FROM jsonb_to_recordset(@extschema@.rsclip_inference_stats()) AS w(
+        worker int, running bool, device text, starts int, requests bigint, batches bigint,
+        rows bigint, mean_batch_rows float8, max_batch_rows bigint, errors bigint,
+        model_ms float8, model_loads bigint, queue_wait_p50_us bigint, queue_wait_p99_us bigint);

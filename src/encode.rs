@@ -3,9 +3,11 @@
 use crate::cache::{self, Key, Kind};
 use crate::datum;
 use crate::fmgr::{arg, bytea_bytes, error, float8_datum, pg_function};
+use crate::inference;
 use crate::model::{self, Loaded};
 use crate::settings;
 use pgrx::{pg_sys, PgSqlErrorCode};
+use rsclip_infer::Kind as Encoder;
 use rsclip_model::decode::{DecodeError, DecodeOptions};
 
 fn decode_options() -> DecodeOptions {
@@ -82,10 +84,22 @@ fn encode_images(images: &[&[u8]], labels: Option<&[usize]>) -> Vec<Vec<f32>> {
             let pixels = pixel_batch(loaded, chunk, threads, chunk_labels);
             let s = loaded.preprocessing.image_size;
             let dim = loaded.model.manifest.embedding_dim;
-            let out = loaded
-                .vision(counts)
-                .run_f32(&[chunk.len(), 3, s, s], pixels)
-                .unwrap_or_else(|e| model::raise_runtime(e));
+            let out = if inference::worker_mode() {
+                let bytes: Vec<u8> = pixels.iter().flat_map(|v| v.to_le_bytes()).collect();
+                inference::encode_remote(
+                    loaded,
+                    Encoder::Vision,
+                    chunk.len(),
+                    &[3, s, s],
+                    &bytes,
+                    dim,
+                )
+            } else {
+                loaded
+                    .vision(counts)
+                    .run_f32(&[chunk.len(), 3, s, s], pixels)
+                    .unwrap_or_else(|e| model::raise_runtime(e))
+            };
             result.extend(out.chunks_exact(dim).map(normalized));
         });
     }
@@ -197,7 +211,8 @@ pub(crate) fn encode_texts(texts: &[String]) -> Vec<Vec<f32>> {
         pgrx::check_for_interrupts!();
         model::with_model(|loaded, counts| {
             let dim = loaded.model.manifest.embedding_dim;
-            let (encoder, tokenizer) = loaded.text(counts);
+            let remote = inference::worker_mode();
+            let tokenizer = loaded.tokenizer(counts);
             let mut ids = Vec::with_capacity(chunk.len() * tokenizer.max_length);
             for t in chunk {
                 ids.extend(tokenizer.encode(t).unwrap_or_else(|e| {
@@ -208,9 +223,16 @@ pub(crate) fn encode_texts(texts: &[String]) -> Vec<Vec<f32>> {
                 }));
             }
             let len = tokenizer.max_length;
-            let out = encoder
-                .run_i64(&[chunk.len(), len], ids)
-                .unwrap_or_else(|e| model::raise_runtime(e));
+            let out = if remote {
+                let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+                inference::encode_remote(loaded, Encoder::Text, chunk.len(), &[len], &bytes, dim)
+            } else {
+                loaded
+                    .text(counts)
+                    .0
+                    .run_i64(&[chunk.len(), len], ids)
+                    .unwrap_or_else(|e| model::raise_runtime(e))
+            };
             result.extend(out.chunks_exact(dim).map(normalized));
         });
     }
@@ -430,9 +452,19 @@ pg_function! {
                     "tokenizer": counts.tokenizer_loads,
                 },
                 "session_create_ms": {"vision": counts.vision_load_ms, "text": counts.text_load_ms},
+                "inference": if inference::worker_mode() { "worker" } else { "backend" },
+                "inference_workers_running": inference::queue()
+                    .map(|q| q.workers().iter().filter(|w| w.1).count()),
             })
         });
         jsonb_datum(&info.to_string())
+    }
+}
+
+pg_function! {
+    /// `rsclip_inference_stats() -> jsonb`: per shared inference worker, its counters.
+    fn rsclip_inference_stats(_fcinfo) {
+        jsonb_datum(&inference::stats_json().to_string())
     }
 }
 

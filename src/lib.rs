@@ -5,6 +5,8 @@
 
 ::pgrx::pg_module_magic!(name, version);
 
+use pgrx::pg_sys;
+
 mod backfill;
 mod cache;
 mod casts;
@@ -14,6 +16,7 @@ mod detoast_cache;
 mod encode;
 mod fmgr;
 mod index;
+mod inference;
 mod io;
 mod model;
 mod operators;
@@ -57,7 +60,8 @@ pgrx::extension_sql_file!(
     requires = ["cache"]
 );
 
-/// Registers the settings and the planner hook (planner.rs). Nothing else happens at load time:
+/// Registers the settings and the planner hook (planner.rs), and when preloaded the shared
+/// inference workers and their queue (inference.rs). Nothing else happens at load time:
 /// ONNX Runtime starts threads, and threads do not survive the postmaster's fork, so models
 /// load lazily in each backend.
 #[pgrx::pg_guard]
@@ -65,6 +69,10 @@ pub extern "C-unwind" fn _PG_init() {
     settings::register();
     index::options::register();
     planner::install();
+    // SAFETY: a plain global the postmaster sets while it loads shared_preload_libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        inference::preload();
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -135,10 +135,10 @@ thread_local! {
     static CPU_FALLBACK_NOTICED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Maps model and runtime failures to SQLSTATEs: missing files 58P01, unreadable or damaged
+/// The SQLSTATE of a model or runtime failure: missing files 58P01, unreadable or damaged
 /// files 58030, bad settings 22023, CUDA requested but absent 55000.
-pub fn raise_runtime(e: RuntimeError) -> ! {
-    let code = match &e {
+pub fn runtime_error_code(e: &RuntimeError) -> PgSqlErrorCode {
+    match e {
         RuntimeError::Library { path, .. } if !path.exists() => {
             PgSqlErrorCode::ERRCODE_UNDEFINED_FILE
         }
@@ -146,7 +146,7 @@ pub fn raise_runtime(e: RuntimeError) -> ! {
         RuntimeError::LibraryMismatch { .. } => {
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
         }
-        RuntimeError::Model(m) => raise_manifest(m.clone()),
+        RuntimeError::Model(m) => manifest_error_code(m),
         RuntimeError::Graph { .. } => PgSqlErrorCode::ERRCODE_IO_ERROR,
         RuntimeError::CudaUnavailable(_) => {
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
@@ -156,16 +156,27 @@ pub fn raise_runtime(e: RuntimeError) -> ! {
             PgSqlErrorCode::ERRCODE_UNDEFINED_FILE
         }
         RuntimeError::OptimizedCache { .. } => PgSqlErrorCode::ERRCODE_IO_ERROR,
-    };
-    error(code, format!("rsclip: {e}"))
+    }
+}
+
+/// The SQLSTATE of a manifest failure: a missing file 58P01, anything else 58030.
+pub fn manifest_error_code(e: &ManifestError) -> PgSqlErrorCode {
+    match e {
+        ManifestError::Missing(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
+        _ => PgSqlErrorCode::ERRCODE_IO_ERROR,
+    }
+}
+
+/// Raises a model or runtime failure with its SQLSTATE ([`runtime_error_code`]).
+pub fn raise_runtime(e: RuntimeError) -> ! {
+    if let RuntimeError::Model(m) = e {
+        raise_manifest(m)
+    }
+    error(runtime_error_code(&e), format!("rsclip: {e}"))
 }
 
 pub fn raise_manifest(e: ManifestError) -> ! {
-    let code = match &e {
-        ManifestError::Missing(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
-        _ => PgSqlErrorCode::ERRCODE_IO_ERROR,
-    };
-    error(code, format!("rsclip: {e}"))
+    error(manifest_error_code(&e), format!("rsclip: {e}"))
 }
 
 fn data_dir() -> PathBuf {
@@ -208,7 +219,7 @@ fn count_cuda_devices() -> i32 {
         .unwrap_or(0)
 }
 
-fn runtime_options() -> RuntimeOptions {
+pub(crate) fn runtime_options() -> RuntimeOptions {
     let provider = match settings::EXECUTION_PROVIDER.get() {
         ExecutionProvider::Auto => Provider::Auto,
         ExecutionProvider::Cpu => Provider::Cpu,

@@ -18,6 +18,17 @@ pub enum ExecutionProvider {
     Cuda,
 }
 
+/// Where encoders run (`rsclip.inference`).
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum InferenceMode {
+    /// In the calling backend, with its own ONNX Runtime sessions.
+    #[name = c"backend"]
+    Backend,
+    /// In the shared inference workers (rsclip in shared_preload_libraries).
+    #[name = c"worker"]
+    Worker,
+}
+
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum OptimizationLevel {
     #[name = c"disable"]
@@ -53,6 +64,13 @@ pub static CACHE: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static CACHE_IMAGES: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static CACHE_LRU_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static CACHE_MAX_ROWS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
+pub static INFERENCE: GucSetting<InferenceMode> =
+    GucSetting::<InferenceMode>::new(InferenceMode::Backend);
+pub static INFERENCE_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
+pub static INFERENCE_QUEUE_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(128);
+pub static CUDA_DEVICES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static MAX_BATCH: GucSetting<i32> = GucSetting::<i32>::new(32);
+pub static BATCH_WAIT_MS: GucSetting<f64> = GucSetting::<f64>::new(2.0);
 pub static TIFF_BANDS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"1,2,3"));
 
@@ -239,8 +257,85 @@ pub fn register() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_enum_guc(
+        c"rsclip.inference",
+        c"Where encoders run: backend (sessions in each backend) or worker (the shared inference workers).",
+        c"worker needs rsclip in shared_preload_libraries: one model copy per worker instead of one per backend, and batches formed across backends.",
+        &INFERENCE,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    // Settings read only at server start exist only when rsclip is preloaded (Postgres refuses
+    // to create them later); without preloading there are no workers to configure.
+    // SAFETY: a plain global the postmaster sets while it loads shared_preload_libraries.
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_int_guc(
+            c"rsclip.inference_workers",
+            c"Shared inference workers per device (per CUDA device in rsclip.cuda_devices, else on the CPU).",
+            c"Started at server start when rsclip is in shared_preload_libraries; 0 starts none.",
+            &INFERENCE_WORKERS,
+            0,
+            rsclip_infer::queue::MAX_WORKERS as i32,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"rsclip.inference_queue_slots",
+            c"Requests the shared inference queue holds at once (about 18 KB of shared memory each).",
+            c"Callers wait for a free slot when all are in use.",
+            &INFERENCE_QUEUE_SLOTS,
+            1,
+            65_536,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_string_guc(
+            c"rsclip.cuda_devices",
+            c"CUDA devices the inference workers run on, e.g. '0,1' (empty: the CPU).",
+            c"rsclip.inference_workers workers start per device; requests go to whichever is free.",
+            &CUDA_DEVICES,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
+    GucRegistry::define_int_guc(
+        c"rsclip.max_batch",
+        c"Rows (texts or images) an inference worker runs in one batch at most.",
+        c"",
+        &MAX_BATCH,
+        1,
+        4096,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
+        c"rsclip.batch_wait",
+        c"Longest an inference worker under load holds a short batch open for more requests.",
+        c"A lone request on a quiet server runs at once.",
+        &BATCH_WAIT_MS,
+        0.0,
+        1000.0,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     // SAFETY: called from _PG_init with a static NUL-terminated prefix.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"rsclip".as_ptr()) };
+}
+
+/// Parses `rsclip.cuda_devices` ('0,1'; empty: none, the CPU).
+pub fn parse_cuda_devices(text: &str) -> Result<Vec<i32>, String> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Ok(Vec::new());
+    }
+    t.split(',')
+        .map(|d| match d.trim().parse::<i32>() {
+            Ok(d) if d >= 0 => Ok(d),
+            _ => Err(format!(
+                "rsclip.cuda_devices must list device numbers such as '0,1', not \"{text}\"."
+            )),
+        })
+        .collect()
 }
 
 /// Where `rsclip.cuda_device` points.

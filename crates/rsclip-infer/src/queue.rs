@@ -582,6 +582,31 @@ impl<'a> Queue<'a> {
     /// rows stay within `max_rows` (the oldest is taken whatever its rows). `now_ns` dates the
     /// take for the queue-wait statistics.
     pub fn take_batch(&self, w: usize, max_rows: u32, now_ns: u64) -> Vec<TakenRequest> {
+        self.take(w, None, max_rows, now_ns)
+    }
+
+    /// Takes for worker `w`, in ticket order, queued requests that can share a model run with
+    /// `like` (a request of the batch it holds) while their rows stay within `max_rows`.
+    pub fn take_like(
+        &self,
+        w: usize,
+        like: &Request,
+        max_rows: u32,
+        now_ns: u64,
+    ) -> Vec<TakenRequest> {
+        if max_rows == 0 {
+            return Vec::new();
+        }
+        self.take(w, Some(like), max_rows, now_ns)
+    }
+
+    fn take(
+        &self,
+        w: usize,
+        like: Option<&Request>,
+        max_rows: u32,
+        now_ns: u64,
+    ) -> Vec<TakenRequest> {
         // (seq, slot, group, rows) of the queued slots, oldest first.
         let mut queued: Vec<(u64, usize, u64, u32)> = self
             .slots
@@ -617,11 +642,10 @@ impl<'a> Queue<'a> {
             // SAFETY: TAKEN is ours: the owner wrote the cells before its release of QUEUED.
             let request = decode_request(unsafe { &*s.request.get() });
             // The slot may have been reused since the scan: check the request itself.
-            let fits = match out.first() {
+            let fits = match out.first().map(|t| &t.request).or(like) {
                 None => true,
                 Some(first) => {
-                    compatible(&first.request, &request)
-                        && rows.saturating_add(request.rows) <= max_rows
+                    compatible(first, &request) && rows.saturating_add(request.rows) <= max_rows
                 }
             };
             if !fits {

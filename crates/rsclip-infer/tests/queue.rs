@@ -269,6 +269,16 @@ fn batches_group_compatible_requests_oldest_first_within_the_row_limit() {
     assert_eq!(tickets(&q.take_batch(0, 10, 0)), vec![f]);
     assert!(q.take_batch(0, 10, 0).is_empty());
     assert_eq!(q.queued(), 0);
+    // topping up a batch takes only what can join it, within the rows left
+    let like = first[0].request.clone();
+    let h = submit(8, 2, 2, 8, Kind::Text); // another model: stays
+    let i = submit(9, 3, 1, 8, Kind::Text);
+    let j = submit(10, 2, 1, 8, Kind::Text);
+    assert!(q.take_like(0, &like, 0, 0).is_empty());
+    assert_eq!(tickets(&q.take_like(0, &like, 4, 0)), vec![i]);
+    assert_eq!(tickets(&q.take_like(0, &like, 4, 0)), vec![j]);
+    assert!(q.take_like(0, &like, 4, 0).is_empty());
+    assert_eq!(tickets(&q.take_batch(0, 10, 0)), vec![h]);
 }
 
 #[test]

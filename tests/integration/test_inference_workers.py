@@ -1,0 +1,273 @@
+"""Shared inference workers (rsclip.inference = worker) on a server that preloads rsclip: the
+same embeddings as backend mode, batches formed across backends, no model session in the
+backends, cancellation while waiting, a worker stopped or killed, a model that fails to load
+in the workers, and a model switch.
+
+Each test module runs its own throwaway cluster (tools/cluster.py), never the shared server."""
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+
+from clusters import as_pg_user, db_uri, fresh_cluster, server_log, wait_for
+from conftest import PG_MAJOR
+
+PORT = 25540 + int(PG_MAJOR) % 10 * 2
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+REFERENCE = json.loads((FIXTURES / "reference" / "reference.json").read_text())
+LOCAL = Path(os.environ["RSCLIP_LOCAL"])
+WORKERS = 2
+
+
+def image_bytes(name):
+    return (FIXTURES / "reference" / REFERENCE["images"][name]["file"]).read_bytes()
+
+
+def vec(text):
+    return np.array([float(x) for x in text.strip("[]").split(",")])
+
+
+@pytest.fixture(scope="module")
+def server():
+    c = fresh_cluster("infer", PORT, [
+        "shared_preload_libraries=rsclip",
+        f"rsclip.inference_workers={WORKERS}",
+        "rsclip.inference_queue_slots=6",
+        "rsclip.inference=worker",
+        "rsclip.cache=off",
+    ])
+    with psycopg.connect(c.uri, autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS infer")
+        admin.execute("CREATE DATABASE infer")
+    with psycopg.connect(db_uri(c, "infer"), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION rsclip")
+    assert wait_for(lambda: len(running_workers(c)) == WORKERS, timeout=30), server_log(c)
+    yield c
+    c.stop("immediate")
+
+
+def connect(c):
+    return psycopg.connect(db_uri(c, "infer"), autocommit=True)
+
+
+def running_workers(c):
+    """Pids of the cluster's inference workers (shared-memory-only background workers are not
+    in pg_stat_activity): the postmaster's children named so."""
+    pid_file = as_pg_user(["cat", str(c.data / "postmaster.pid")], capture_output=True, text=True).stdout
+    if not pid_file:
+        return []
+    postmaster = pid_file.split()[0]
+    ps = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", postmaster],
+                        capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in ps.splitlines() if "rsclip inference worker" in line]
+
+
+def stats(conn):
+    return {r[0]: r for r in conn.execute(
+        "SELECT worker, running, requests, batches, rows, errors, model_loads, queue_wait_p50_us "
+        "FROM rsclip_inference_stats ORDER BY worker")}
+
+
+def totals(conn):
+    s = stats(conn).values()
+    return {"requests": sum(r[2] for r in s), "batches": sum(r[3] for r in s),
+            "rows": sum(r[4] for r in s), "errors": sum(r[5] for r in s)}
+
+
+def encode_both(conn, sql, params):
+    """(worker mode's embedding, backend mode's) of one SELECT."""
+    conn.execute("SET rsclip.inference = worker")
+    w = conn.execute(sql, params).fetchone()[0]
+    conn.execute("SET rsclip.inference = backend")
+    b = conn.execute(sql, params).fetchone()[0]
+    conn.execute("SET rsclip.inference = worker")
+    return w, b
+
+
+def test_worker_mode_gives_backend_modes_embeddings(server):
+    with connect(server) as conn:
+        assert conn.execute("SELECT rsclip_model_info()->>'inference'").fetchone()[0] == "worker"
+        for entry in REFERENCE["texts"][:4]:
+            w, b = encode_both(conn, "SELECT rsclip_encode_text(%s)::text", (entry["text"],))
+            assert np.abs(vec(w) - vec(b)).max() < 1e-5, entry["text"]
+        names = sorted(REFERENCE["images"])[:3]
+        for n in names:
+            w, b = encode_both(conn, "SELECT rsclip_encode_image(%s)::text", (image_bytes(n),))
+            assert np.abs(vec(w) - vec(b)).max() < 1e-5, n
+        # arrays: several images exceed a slot's inline room and travel in a DSM segment
+        blobs = [image_bytes(n) for n in names]
+        w, b = encode_both(conn, "SELECT rsclip_encode_images(%s)::text[]", (blobs,))
+        assert len(w) == len(blobs)
+        for x, y in zip(w, b):
+            assert np.abs(vec(x) - vec(y)).max() < 1e-5
+        texts = [e["text"] for e in REFERENCE["texts"]] * 5
+        w, b = encode_both(conn, "SELECT rsclip_encode_texts(%s)::text[]", (texts,))
+        for x, y in zip(w, b):
+            assert np.abs(vec(x) - vec(y)).max() < 1e-5
+        # the probability goes through the same encoders
+        conn.execute("SELECT rsclip_probability(rsclip_encode_image(%s), rsclip_encode_text('x'))",
+                     (blobs[0],))
+
+
+def test_backends_load_no_session_and_stats_count_the_requests(server):
+    with connect(server) as conn:
+        before = totals(conn)
+        conn.execute("SELECT rsclip_encode_text('a harbour with boats')")
+        conn.execute("SELECT rsclip_encode_image(%s)", (image_bytes(sorted(REFERENCE["images"])[0]),))
+        info = conn.execute("SELECT rsclip_model_info()").fetchone()[0]
+        assert info["sessions_loaded"] == {"vision": False, "text": False}, info
+        assert info["load_counts"]["text"] == 0 and info["load_counts"]["vision"] == 0
+        assert info["inference_workers_running"] == WORKERS
+        after = totals(conn)
+        assert after["requests"] == before["requests"] + 2
+        rows = stats(conn)
+        assert len(rows) == WORKERS and all(r[1] for r in rows.values())
+        assert any(r[7] is not None for r in rows.values())
+
+
+def test_concurrent_clients_share_batches(server):
+    """Eight clients encoding at once: every answer is its own text's, and batches form."""
+    texts = [f"tile {i}: a river crossing farmland near a town" for i in range(240)]
+    with connect(server) as conn:
+        conn.execute("SET rsclip.inference = backend")
+        want = {t: vec(conn.execute("SELECT rsclip_encode_text(%s)::text", (t,)).fetchone()[0])
+                for t in texts}
+        before = totals(conn)
+    errors = []
+
+    def client(part):
+        try:
+            with connect(server) as c:
+                for t in part:
+                    got = vec(c.execute("SELECT rsclip_encode_text(%s)::text", (t,)).fetchone()[0])
+                    if np.abs(got - want[t]).max() >= 1e-5:
+                        errors.append(f"wrong answer for {t!r}")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(texts[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    with connect(server) as conn:
+        after = totals(conn)
+    requests = after["requests"] - before["requests"]
+    batches = after["batches"] - before["batches"]
+    assert requests == len(texts)
+    # eight clients over a six-slot queue: callers waited for slots, none failed, and
+    # requests shared model runs
+    assert batches < requests, (requests, batches)
+    print(f"{requests} requests in {batches} batches: {requests / batches:.2f} per batch")
+
+
+def test_cancel_and_timeout_while_the_workers_are_stopped(server):
+    pids = running_workers(server)
+    for p in pids:
+        as_pg_user(["kill", "-STOP", str(p)])
+    try:
+        with connect(server) as conn:
+            conn.execute("SET statement_timeout = '300ms'")
+            t0 = time.time()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("SELECT rsclip_encode_text('nobody answers')")
+            assert time.time() - t0 < 5
+            conn.execute("RESET statement_timeout")
+            # pg_cancel_backend from another session
+            pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            threading.Timer(0.3, lambda: psycopg.connect(server.uri, autocommit=True).execute(
+                "SELECT pg_cancel_backend(%s)", (pid,))).start()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("SELECT rsclip_encode_images(ARRAY[%s, %s])",
+                             (image_bytes(sorted(REFERENCE["images"])[0]),
+                              image_bytes(sorted(REFERENCE["images"])[1])))
+    finally:
+        for p in pids:
+            as_pg_user(["kill", "-CONT", str(p)])
+    # the cancelled requests' slots came back and the workers answer again
+    with connect(server) as conn:
+        for i in range(10):
+            conn.execute("SELECT rsclip_encode_text(%s)", (f"after the cancel {i}",))
+
+
+def test_a_model_the_workers_cannot_load_fails_callers_with_its_error(server):
+    dst = LOCAL / "models" / "infer-damaged"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(LOCAL / "models" / "tiny-siglip", dst)
+    os.chmod(dst, 0o755)
+    data = bytearray((dst / "text.onnx").read_bytes())
+    data[200] ^= 0xFF
+    (dst / "text.onnx").write_bytes(bytes(data))
+    try:
+        with connect(server) as conn:
+            conn.execute("SELECT set_config('rsclip.model_path', %s, false)", (str(dst),))
+            for _ in range(2):  # the second answer comes from the back-off, as fast
+                t0 = time.time()
+                with pytest.raises(psycopg.errors.IoError, match="text.onnx"):
+                    conn.execute("SELECT rsclip_encode_text('harbour')")
+                assert time.time() - t0 < 5
+            conn.execute("RESET rsclip.model_path")
+            conn.execute("SELECT rsclip_encode_text('harbour')")
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)
+
+
+def test_a_new_model_path_switches_the_workers_model(server):
+    fp16 = LOCAL / "models" / "tiny-siglip-fp16"
+    if not fp16.exists():
+        shutil.copytree(FIXTURES / "tiny-siglip-fp16", fp16)
+        os.chmod(fp16, 0o755)
+    with connect(server) as conn:
+        loads = sum(r[6] for r in stats(conn).values())
+        base = conn.execute("SELECT rsclip_encode_text('a bridge')::text").fetchone()[0]
+        conn.execute("SELECT set_config('rsclip.model_path', %s, false)", (str(fp16),))
+        w, b = encode_both(conn, "SELECT rsclip_encode_text('a bridge')::text", ())
+        assert np.abs(vec(w) - vec(b)).max() < 1e-5
+        assert w != base, "the fp16 model answered like the fp32 one"
+        assert conn.execute("SELECT rsclip_model_info()->>'fingerprint'").fetchone()[0]
+        assert sum(r[6] for r in stats(conn).values()) > loads
+        conn.execute("RESET rsclip.model_path")
+        assert conn.execute("SELECT rsclip_encode_text('a bridge')::text").fetchone()[0] == base
+
+
+def test_worker_mode_without_preloading_says_what_is_missing(server):
+    c = fresh_cluster("infer-nopreload", PORT + 1, ["shared_preload_libraries=''"])
+    try:
+        with psycopg.connect(c.uri, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS rsclip")
+            conn.execute("SET rsclip.inference = backend")
+            conn.execute("SELECT rsclip_encode_text('x')")  # backend mode needs no workers
+            conn.execute("SET rsclip.inference = worker")
+            with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
+                               match="shared_preload_libraries"):
+                conn.execute("SELECT rsclip_encode_text('not in the cache yet')")
+            assert conn.execute("SELECT rsclip_inference_stats()").fetchone()[0] == []
+        assert running_workers(c) == []
+    finally:
+        c.stop("immediate")
+
+
+def test_a_killed_worker_makes_the_server_recover_and_serve_again(server):
+    victim = running_workers(server)[0]
+    as_pg_user(["kill", "-9", str(victim)])
+    # the postmaster treats it as a crash: every backend restarts, then the workers come back
+
+    def serving():
+        try:
+            with connect(server) as conn:
+                conn.execute("SELECT rsclip_encode_text('back again')")
+                return True
+        except psycopg.Error:
+            return False
+    assert wait_for(serving, timeout=60, step=0.5), server_log(server)[-3000:]
+    assert wait_for(lambda: len(running_workers(server)) == WORKERS, timeout=30)
+    assert victim not in running_workers(server)
+    assert "rsclip inference worker" in server_log(server)
