@@ -467,8 +467,8 @@ struct Worker {
     queue: Queue<'static>,
     former: BatchFormer,
     model: Option<WorkerModel>,
-    /// Models that failed to load: when to try again and the error meanwhile.
-    failed_loads: HashMap<u64, (Backoff, Failure)>,
+    /// Sessions (model key, kind) that failed to load: when to try again, and the error.
+    failed_loads: HashMap<(u64, Kind), (Backoff, Failure)>,
 }
 
 fn policy() -> BatchPolicy {
@@ -560,14 +560,15 @@ impl Worker {
     /// The session for `kind` of the batch's model, loading (or switching to) it.
     fn session(&mut self, like: &Request) -> Result<&mut Encoder, Failure> {
         let now = now_ns();
-        if let Some((backoff, f)) = self.failed_loads.get(&like.model_key) {
+        let key = (like.model_key, like.kind);
+        if let Some((backoff, f)) = self.failed_loads.get(&key) {
             if !backoff.may_try(now) {
                 return Err(f.clone());
             }
         }
         match self.load(like) {
             Ok(()) => {
-                self.failed_loads.remove(&like.model_key);
+                self.failed_loads.remove(&key);
                 let m = self.model.as_mut().expect("loaded");
                 Ok(match like.kind {
                     Kind::Text => m.text.as_mut().expect("loaded"),
@@ -577,7 +578,7 @@ impl Worker {
             Err(f) => {
                 let entry = self
                     .failed_loads
-                    .entry(like.model_key)
+                    .entry(key)
                     .or_insert_with(|| (Backoff::new(LOAD_BACKOFF.0, LOAD_BACKOFF.1), f.clone()));
                 let retry_at = entry.0.failed(now);
                 entry.1 = f.clone();
@@ -588,14 +589,9 @@ impl Worker {
                     retry_at.saturating_sub(now) as f64 / 1e9
                 );
                 // everyone waiting for this model gets the error now, not after a batch each
-                let n = self.queue.fail_queued_for_model(
-                    self.index,
-                    like.model_key,
-                    f.0,
-                    &f.1,
-                    now,
-                    &Latches,
-                );
+                let n = self
+                    .queue
+                    .fail_queued_like(self.index, like, f.0, &f.1, now, &Latches);
                 self.queue.stats(self.index).record_errors(n as u64);
                 Err(f)
             }
@@ -687,7 +683,15 @@ impl Worker {
                         if !seg.is_null() {
                             drop(Segment(seg));
                         }
-                        self.queue.complete(self.index, t, &[], 0, 0, &Latches);
+                        // an owner that gave up took its segment with it: fail() then only
+                        // frees the slot; one still waiting learns why
+                        self.queue.fail(
+                            self.index,
+                            t,
+                            sqlstate_chars(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR),
+                            "rsclip: the inference worker could not map the request's shared memory",
+                            &Latches,
+                        );
                         continue;
                     }
                     inputs.push((t, Some(Segment(seg))));

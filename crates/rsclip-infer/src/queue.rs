@@ -795,12 +795,12 @@ impl<'a> Queue<'a> {
         }
     }
 
-    /// Takes and fails every queued request for `model_key` (its model cannot be loaded).
-    /// Returns how many failed.
-    pub fn fail_queued_for_model(
+    /// Takes and fails every queued request that needs the session `like` needs (same model
+    /// key and kind: that session cannot be loaded). Returns how many failed.
+    pub fn fail_queued_like(
         &self,
         w: usize,
-        model_key: u64,
+        like: &Request,
         sqlstate: [u8; 5],
         message: &str,
         now_ns: u64,
@@ -808,7 +808,7 @@ impl<'a> Queue<'a> {
     ) -> usize {
         let mut failed = 0;
         for (i, s) in self.slots.iter().enumerate() {
-            if s.state.load(Acquire) != QUEUED || s.model_key.load(Relaxed) != model_key {
+            if s.state.load(Acquire) != QUEUED || s.model_key.load(Relaxed) != like.model_key {
                 continue;
             }
             if s.state
@@ -819,8 +819,8 @@ impl<'a> Queue<'a> {
             }
             // SAFETY: TAKEN is ours.
             let request = decode_request(unsafe { &*s.request.get() });
-            if request.model_key != model_key {
-                self.put_back(s); // reused since the look above
+            if request.model_key != like.model_key || request.kind != like.kind {
+                self.put_back(s); // another session, or reused since the look above
                 continue;
             }
             s.worker.store(w as u32, Release);

@@ -354,27 +354,35 @@ fn a_restarted_worker_fails_what_it_had_taken() {
 }
 
 #[test]
-fn a_model_that_cannot_load_fails_its_queued_requests_only() {
+fn a_session_that_cannot_load_fails_its_queued_requests_only() {
     let region = OwnedRegion::new(8);
     let q = region.queue();
     q.register_worker(0, 0, -1, &NoWake);
-    let mk = |owner, model| text_request(owner, 1, model, 4);
-    let ts: Vec<_> = [(1, 5), (2, 6), (3, 5)]
-        .into_iter()
-        .map(|(o, m)| {
-            let (r, i) = mk(o, m);
-            q.submit(&r, &i, &NoWake).unwrap()
-        })
-        .collect();
+    let ts: Vec<_> = [
+        (1, 5, Kind::Text),
+        (2, 6, Kind::Text),
+        (3, 5, Kind::Text),
+        (4, 5, Kind::Vision),
+    ]
+    .into_iter()
+    .map(|(o, m, kind)| {
+        let (mut r, i) = text_request(o, 1, m, 4);
+        r.kind = kind;
+        q.submit(&r, &i, &NoWake).unwrap()
+    })
+    .collect();
+    let (like, _) = text_request(9, 1, 5, 4);
     assert_eq!(
-        q.fail_queued_for_model(0, 5, *b"58P01", "no such model", 0, &NoWake),
+        q.fail_queued_like(0, &like, *b"58P01", "no such model", 0, &NoWake),
         2
     );
     let mut out = Vec::new();
     assert!(matches!(q.poll(ts[0], &mut out), Poll::Failed(_)));
     assert!(matches!(q.poll(ts[2], &mut out), Poll::Failed(_)));
+    // another model, or the same model's other session, is untouched
     assert_eq!(q.poll(ts[1], &mut out), Poll::Pending);
-    assert_eq!(q.queued(), 1);
+    assert_eq!(q.poll(ts[3], &mut out), Poll::Pending);
+    assert_eq!(q.queued(), 2);
 }
 
 /// What a test worker thread does: the glue's loop, with a fake model that takes `model_us`.
