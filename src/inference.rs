@@ -407,10 +407,7 @@ pub fn encode_remote(
             ),
         )
     }
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .collect()
+    concat_le(std::iter::once(bytes), f32::from_le_bytes)
 }
 
 /// `[{worker, running, device, starts, requests, batches, ...}]` of every worker that started.
@@ -714,31 +711,10 @@ impl Worker {
         let mut shape = vec![rows];
         shape.extend(like.row_shape.iter().map(|&d| d as usize));
         let started = Instant::now();
+        let tensors = || inputs.iter().map(|(t, seg)| input_bytes(t, seg.as_ref()));
         let result = match like.kind {
-            Kind::Text => {
-                let mut ids: Vec<i64> = Vec::new();
-                for (t, seg) in &inputs {
-                    let bytes = input_bytes(t, seg.as_ref());
-                    ids.extend(
-                        bytes
-                            .chunks_exact(8)
-                            .map(|b| i64::from_le_bytes(b.try_into().expect("8"))),
-                    );
-                }
-                encoder.run_i64(&shape, ids)
-            }
-            Kind::Vision => {
-                let mut pixels: Vec<f32> = Vec::new();
-                for (t, seg) in &inputs {
-                    let bytes = input_bytes(t, seg.as_ref());
-                    pixels.extend(
-                        bytes
-                            .chunks_exact(4)
-                            .map(|b| f32::from_le_bytes(b.try_into().expect("4"))),
-                    );
-                }
-                encoder.run_f32(&shape, pixels)
-            }
+            Kind::Text => encoder.run_i64(&shape, concat_le(tensors(), i64::from_le_bytes)),
+            Kind::Vision => encoder.run_f32(&shape, concat_le(tensors(), f32::from_le_bytes)),
         };
         let model_ns = started.elapsed().as_nanos() as u64;
         let stats = self.queue.stats(self.index);
@@ -804,6 +780,17 @@ impl Worker {
             }
         }
     }
+}
+
+/// The little-endian values of `N` bytes each in `parts`, one after the other.
+fn concat_le<'a, T, const N: usize>(
+    parts: impl Iterator<Item = &'a [u8]>,
+    from: fn([u8; N]) -> T,
+) -> Vec<T> {
+    parts
+        .flat_map(|p| p.chunks_exact(N))
+        .map(|b| from(b.try_into().expect("chunks of N bytes")))
+        .collect()
 }
 
 fn input_bytes<'a>(t: &'a TakenRequest, seg: Option<&'a Segment>) -> &'a [u8] {
