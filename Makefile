@@ -7,7 +7,7 @@ PY := $(ENV) "$$RSCLIP_VENV/bin/python"
 ITEST_PORT := $(shell echo $$((25400 + $(PG))))
 FUZZ_SECONDS ?= 30
 
-.PHONY: setup build install citus lint lint-versions unit pgtest itest test server stop demo bench bench-index real-embeddings bench-cache bench-backfill bench-encode base-model export-env fuzz fixture clean
+.PHONY: setup build install citus lint lint-versions unit pgtest itest test server stop demo bench bench-index real-embeddings bench-cache bench-backfill bench-encode bench-concurrency base-model export-env fuzz fixture clean
 
 setup:
 	@bash tools/setup.sh
@@ -95,6 +95,18 @@ bench-index: install $(if $(findstring real,$(BENCH_DATA)),real-embeddings)
 REAL_ROWS ?= $(ROWS)
 real-embeddings: export-env
 	@$(ENV) $(EXPORT_PY) bench/real_embeddings.py embed --rows $(REAL_ROWS)
+
+# Backend mode vs shared inference workers (rsclip.inference) in one run: memory per connection
+# (smaps_rollup), throughput at 1/2/8/32 clients, lone-text latency. CONC_MODEL=git-rsclip-base
+# runs the real architecture (random weights; exported first if missing), else the fixture.
+CONC_MODEL ?= fixture
+CONC_ARGS ?=
+bench-concurrency: install $(if $(filter git-rsclip-base,$(CONC_MODEL)),base-model)
+	@$(PY) tools/cluster.py stop --name benchconc >/dev/null 2>&1 || true
+	@$(PY) tools/cluster.py start --pg 18 --name benchconc --port 25519 --set max_connections=100 \
+	  --set rsclip.inference_workers=2 >/dev/null
+	@$(PY) bench/concurrency.py --uri postgresql://postgres@127.0.0.1:25519/postgres \
+	  $(if $(filter git-rsclip-base,$(CONC_MODEL)),--model-path "$$RSCLIP_LOCAL/models/git-rsclip-base-random") $(CONC_ARGS)
 
 # Text-query latency through the result cache: uncached, LRU hit, table hit (p50/p99).
 bench-cache: install

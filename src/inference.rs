@@ -529,7 +529,7 @@ impl Worker {
             match self.former.decide(batch.len(), rows, first, now_ns()) {
                 Decision::Run => break,
                 Decision::Wait(ns) => {
-                    wait_on_latch(Duration::from_nanos(ns));
+                    self.wait_for_more(Duration::from_nanos(ns));
                     let like = batch[0].request.clone();
                     let more =
                         self.queue
@@ -541,8 +541,27 @@ impl Worker {
                 }
             }
         }
+        let started = Instant::now();
         self.run(&batch);
-        self.former.after_run(self.queue.queued());
+        self.former
+            .after_run(self.queue.queued(), started.elapsed().as_nanos() as u64);
+    }
+
+    /// Waits up to `d` for more requests while holding a batch open. Latch waits have
+    /// millisecond granularity, and submitters wake only idle workers, so waits under a
+    /// millisecond look at the queue every 20 us instead.
+    fn wait_for_more(&self, d: Duration) {
+        if d >= Duration::from_millis(1) {
+            if self.queue.go_idle(self.index) {
+                wait_on_latch(d);
+            }
+            self.queue.go_busy(self.index);
+            return;
+        }
+        let end = Instant::now() + d;
+        while Instant::now() < end && self.queue.queued() == 0 {
+            std::thread::sleep(Duration::from_micros(20));
+        }
     }
 
     fn fail_all(&self, batch: &[TakenRequest], f: &Failure) {

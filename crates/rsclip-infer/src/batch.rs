@@ -22,11 +22,15 @@ pub enum Decision {
 /// The batch former of one worker. Waiting only pays when other requests are about to come,
 /// so a worker waits only when it has seen load: requests queued behind the batch it just ran
 /// (they came while the model was busy), or more than one request in its hands already. A lone
-/// query on a quiet server is run the moment it is taken.
+/// query on a quiet server is run the moment it is taken. It never waits longer than its last
+/// model run took: a request that comes later would have been better served by running the
+/// batch and taking it into the next (with a fast model, waiting the whole `wait_ns` would cost
+/// more than batching gains).
 #[derive(Clone, Debug)]
 pub struct BatchFormer {
     pub policy: BatchPolicy,
     backlog_after_last_run: bool,
+    last_run_ns: u64,
 }
 
 impl BatchFormer {
@@ -34,6 +38,7 @@ impl BatchFormer {
         BatchFormer {
             policy,
             backlog_after_last_run: false,
+            last_run_ns: u64::MAX,
         }
     }
 
@@ -43,23 +48,25 @@ impl BatchFormer {
         if requests == 0 {
             return Decision::Wait(self.policy.wait_ns.max(1));
         }
-        if rows >= self.policy.max_rows || self.policy.wait_ns == 0 {
+        let wait = self.policy.wait_ns.min(self.last_run_ns);
+        if rows >= self.policy.max_rows || wait == 0 {
             return Decision::Run;
         }
         if !self.backlog_after_last_run && requests < 2 {
             return Decision::Run;
         }
         let waited = now_ns.saturating_sub(first_taken_ns);
-        if waited >= self.policy.wait_ns {
+        if waited >= wait {
             Decision::Run
         } else {
-            Decision::Wait(self.policy.wait_ns - waited)
+            Decision::Wait(wait - waited)
         }
     }
 
-    /// After a model run: `queued` requests were waiting when it ended.
-    pub fn after_run(&mut self, queued: u32) {
+    /// After a model run of `run_ns`: `queued` requests were waiting when it ended.
+    pub fn after_run(&mut self, queued: u32, run_ns: u64) {
         self.backlog_after_last_run = queued > 0;
+        self.last_run_ns = run_ns;
     }
 }
 
@@ -146,11 +153,15 @@ mod tests {
         assert_eq!(f.decide(2, 2, 10 * MS, 11 * MS), Decision::Wait(MS));
         assert_eq!(f.decide(2, 2, 10 * MS, 12 * MS), Decision::Run);
         // a backlog after the last run: even one request waits
-        f.after_run(3);
+        f.after_run(3, 10 * MS);
         assert_eq!(f.decide(1, 1, 0, 0), Decision::Wait(2 * MS));
         // full batches never wait
         assert_eq!(f.decide(5, 32, 0, 0), Decision::Run);
-        f.after_run(0);
+        // never longer than the last model run
+        f.after_run(3, MS / 4);
+        assert_eq!(f.decide(2, 2, 0, 0), Decision::Wait(MS / 4));
+        assert_eq!(f.decide(2, 2, 0, MS / 4), Decision::Run);
+        f.after_run(0, 10 * MS);
         assert_eq!(f.decide(1, 1, 0, 0), Decision::Run);
         // no wait configured
         let f = BatchFormer::new(BatchPolicy {

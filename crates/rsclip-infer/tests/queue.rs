@@ -439,7 +439,7 @@ fn worker_loop(
         }
         q.stats(w)
             .record_batch(batch.len() as u64, rows as u64, model_ns, false);
-        former.after_run(q.queued());
+        former.after_run(q.queued(), model_ns);
     }
     q.unregister_worker(w);
 }
