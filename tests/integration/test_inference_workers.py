@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
+import psycopg.sql
 import pytest
 
 from clusters import as_pg_user, db_uri, fresh_cluster, server_log, wait_for
@@ -221,10 +222,7 @@ def test_a_model_the_workers_cannot_load_fails_callers_with_its_error(server):
 
 
 def test_a_new_model_path_switches_the_workers_model(server):
-    fp16 = LOCAL / "models" / "tiny-siglip-fp16"
-    if not fp16.exists():
-        shutil.copytree(FIXTURES / "tiny-siglip-fp16", fp16)
-        os.chmod(fp16, 0o755)
+    fp16 = fp16_model()
     with connect(server) as conn:
         loads = sum(r[6] for r in stats(conn).values())
         base = conn.execute("SELECT rsclip_encode_text('a bridge')::text").fetchone()[0]
@@ -271,3 +269,71 @@ def test_a_killed_worker_makes_the_server_recover_and_serve_again(server):
     assert wait_for(lambda: len(running_workers(server)) == WORKERS, timeout=30)
     assert victim not in running_workers(server)
     assert "rsclip inference worker" in server_log(server)
+
+
+def fp16_model():
+    fp16 = LOCAL / "models" / "tiny-siglip-fp16"
+    if not fp16.exists():
+        shutil.copytree(FIXTURES / "tiny-siglip-fp16", fp16)
+        os.chmod(fp16, 0o755)
+    return fp16
+
+
+def test_two_models_at_once_never_share_a_batch(server):
+    """Clients on two model paths at the same time: every answer is its own model's (a batch
+    mixing models would give one of them the other's embedding)."""
+    paths = [str(LOCAL / "models" / "tiny-siglip"), str(fp16_model())]
+    texts = [f"field {i} beside a canal" for i in range(40)]
+    want = {}
+    with connect(server) as conn:
+        conn.execute("SET rsclip.inference = backend")
+        for p in paths:
+            conn.execute("SELECT set_config('rsclip.model_path', %s, false)", (p,))
+            for t in texts:
+                want[p, t] = vec(conn.execute("SELECT rsclip_encode_text(%s)::text", (t,)).fetchone()[0])
+    assert any(np.abs(want[paths[0], t] - want[paths[1], t]).max() > 1e-4 for t in texts)
+    errors = []
+
+    def client(path, part):
+        try:
+            with connect(server) as c:
+                c.execute("SELECT set_config('rsclip.model_path', %s, false)", (path,))
+                for t in part:
+                    got = vec(c.execute("SELECT rsclip_encode_text(%s)::text", (t,)).fetchone()[0])
+                    if np.abs(got - want[path, t]).max() >= 1e-5:
+                        errors.append(f"{path}: {t!r} answered by another model")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(paths[i % 2], texts[i // 2::3]))
+               for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
+def test_a_reloaded_model_path_reaches_new_sessions_and_the_workers(server):
+    fp16 = str(fp16_model())
+    with connect(server) as conn:
+        conn.execute("SET rsclip.inference = backend")
+        conn.execute("SELECT set_config('rsclip.model_path', %s, false)", (fp16,))
+        want = conn.execute("SELECT rsclip_encode_text('a reloaded model')::text").fetchone()[0]
+        fingerprint = conn.execute("SELECT rsclip_model_info()->>'fingerprint'").fetchone()[0]
+    with psycopg.connect(server.uri, autocommit=True) as admin:
+        admin.execute("ALTER SYSTEM SET rsclip.model_path = %s" % psycopg.sql.quote(fp16))
+        admin.execute("SELECT pg_reload_conf()")
+    try:
+        def reloaded():
+            with connect(server) as c:
+                return c.execute("SHOW rsclip.model_path").fetchone()[0] == fp16
+        assert wait_for(reloaded, timeout=10, step=0.1)
+        with connect(server) as conn:
+            got = conn.execute("SELECT rsclip_encode_text('a reloaded model')::text").fetchone()[0]
+            assert conn.execute("SELECT rsclip_model_info()->>'fingerprint'").fetchone()[0] == fingerprint
+        assert np.abs(vec(got) - vec(want)).max() < 1e-5
+    finally:
+        with psycopg.connect(server.uri, autocommit=True) as admin:
+            admin.execute("ALTER SYSTEM RESET rsclip.model_path")
+            admin.execute("SELECT pg_reload_conf()")
