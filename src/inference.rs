@@ -194,19 +194,9 @@ pub fn worker_mode() -> bool {
     settings::INFERENCE.get() == InferenceMode::Worker
 }
 
-/// The key requests for `loaded`'s model carry: its directory and fingerprint (FNV-1a).
+/// The key requests for a model carry: a hash of its directory and fingerprint.
 pub fn model_key(dir: &str, fingerprint: &str) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for &b in dir
-        .as_bytes()
-        .iter()
-        .chain(&[0])
-        .chain(fingerprint.as_bytes())
-    {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    rsclip_infer::queue::fnv1a([dir.as_bytes(), &[0], fingerprint.as_bytes()])
 }
 
 /// The five characters of a SQLSTATE code.
@@ -381,7 +371,7 @@ pub fn encode_remote(
                 )
             }
         }
-        if q.workers().iter().any(|w| w.1) {
+        if q.any_worker() {
             no_worker_since = None;
         } else if no_worker_since.get_or_insert_with(Instant::now).elapsed() > NO_WORKER_TIMEOUT {
             error(

@@ -354,6 +354,14 @@ impl<'a> Queue<'a> {
         self.header.queued.load(SeqCst)
     }
 
+    /// Whether any worker is registered (a cheap look, for callers' waits).
+    pub fn any_worker(&self) -> bool {
+        self.header
+            .workers
+            .iter()
+            .any(|w| w.latch.load(Acquire) != 0)
+    }
+
     /// Slots not free (filling, queued, taken or answered and unread).
     pub fn in_use(&self) -> usize {
         self.slots
@@ -888,23 +896,26 @@ fn compatible(a: &Request, b: &Request) -> bool {
         && a.model_path == b.model_path
 }
 
-/// A hash of the fields [`compatible`] compares (FNV-1a): equal for compatible requests.
-fn group_of(r: &Request) -> u64 {
+/// FNV-1a over `parts`, one after the other.
+pub fn fnv1a<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
-    eat(&(r.kind as u32).to_le_bytes());
-    eat(&r.model_key.to_le_bytes());
-    for d in &r.row_shape {
-        eat(&d.to_le_bytes());
+    for &b in parts.into_iter().flatten() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    eat(&[0xff]);
-    eat(r.model_path.as_bytes());
     h
+}
+
+/// A hash of the fields [`compatible`] compares: equal for compatible requests.
+fn group_of(r: &Request) -> u64 {
+    let shape: Vec<u8> = r.row_shape.iter().flat_map(|d| d.to_le_bytes()).collect();
+    fnv1a([
+        &(r.kind as u32).to_le_bytes()[..],
+        &r.model_key.to_le_bytes(),
+        &shape,
+        &[0xff],
+        r.model_path.as_bytes(),
+    ])
 }
 
 fn cut_at_char(s: &str, max: usize) -> &str {
