@@ -59,13 +59,10 @@ pub fn queue() -> Option<Queue<'static>> {
 
 /// The devices of the workers `rsclip.inference_workers` and `rsclip.cuda_devices` ask for.
 fn devices() -> Vec<i32> {
+    // The check hook refused anything that does not parse when the server started.
     let devices = settings::string(&settings::CUDA_DEVICES)
-        .map(|s| settings::parse_cuda_devices(&s))
-        .unwrap_or(Ok(Vec::new()))
-        .unwrap_or_else(|e| {
-            pgrx::warning!("rsclip: {e} The inference workers run on the CPU.");
-            Vec::new()
-        });
+        .and_then(|s| settings::parse_cuda_devices(&s).ok())
+        .unwrap_or_default();
     let mut all = worker_devices(settings::INFERENCE_WORKERS.get().max(0) as u32, &devices);
     all.truncate(rsclip_infer::queue::MAX_WORKERS);
     all

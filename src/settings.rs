@@ -289,14 +289,22 @@ pub fn register() {
             GucContext::Postmaster,
             GucFlags::default(),
         );
-        GucRegistry::define_string_guc(
-            c"rsclip.cuda_devices",
-            c"CUDA devices the inference workers run on, e.g. '0,1' (empty: the CPU).",
-            c"rsclip.inference_workers workers start per device; requests go to whichever is free.",
-            &CUDA_DEVICES,
-            GucContext::Postmaster,
-            GucFlags::default(),
-        );
+        // A bad list is refused when the server starts (a postmaster setting has no SET that
+        // could report it later), rather than silently running the workers on the CPU.
+        // SAFETY: the hook is a guarded extern function with the signature Postgres calls.
+        unsafe {
+            GucRegistry::define_string_guc_with_hooks(
+                c"rsclip.cuda_devices",
+                c"CUDA devices the inference workers run on, e.g. '0,1' (empty: the CPU).",
+                c"rsclip.inference_workers workers start per device; requests go to whichever is free.",
+                &CUDA_DEVICES,
+                GucContext::Postmaster,
+                GucFlags::default(),
+                Some(check_cuda_devices),
+                None,
+                None,
+            )
+        };
     }
     GucRegistry::define_int_guc(
         c"rsclip.max_batch",
@@ -458,6 +466,7 @@ macro_rules! check_hook {
 
 check_hook!(check_cuda_device, parse_cuda_device);
 check_hook!(check_tiff_bands, parse_tiff_bands);
+check_hook!(check_cuda_devices, parse_cuda_devices);
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn assign_cuda_device(

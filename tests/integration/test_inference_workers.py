@@ -253,6 +253,28 @@ def test_worker_mode_without_preloading_says_what_is_missing(server):
         c.stop("immediate")
 
 
+def test_a_bad_device_list_is_refused_by_name(server):
+    """rsclip.cuda_devices is read once, by the postmaster. ALTER SYSTEM refuses a value that is
+    not a device list at once (22023, naming the setting), instead of a restart finding out; one
+    written into a config file is reported at startup (Postgres keeps the default for a custom
+    setting it cannot apply: the workers run on the CPU)."""
+    with connect(server) as conn:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="rsclip.cuda_devices") as e:
+            conn.execute("ALTER SYSTEM SET rsclip.cuda_devices = '0,gpu1'")
+        assert "device numbers such as '0,1'" in str(e.value.diag.message_detail)
+        conn.execute("ALTER SYSTEM SET rsclip.cuda_devices = '0, 1'")  # a valid list is accepted
+        conn.execute("ALTER SYSTEM RESET rsclip.cuda_devices")
+    c = fresh_cluster("infer-baddev", PORT + 1, ["rsclip.cuda_devices='0,gpu1'"])
+    try:
+        log = server_log(c)
+        assert 'invalid value for parameter "rsclip.cuda_devices": "0,gpu1"' in log, log[-2000:]
+        assert "device numbers such as '0,1'" in log, log[-2000:]
+        with psycopg.connect(c.uri, autocommit=True) as cc:
+            assert cc.execute("SHOW rsclip.cuda_devices").fetchone()[0] == ""
+    finally:
+        c.stop("immediate")
+
+
 def test_a_killed_worker_makes_the_server_recover_and_serve_again(server):
     victim = running_workers(server)[0]
     as_pg_user(["kill", "-9", str(victim)])

@@ -209,6 +209,9 @@ fn main() {
         let (mut hits, mut st) = (0usize, ScanStats::default());
         let mut start_time = 0f64;
         let t = Instant::now();
+        // The fastest pass over the queries: on a shared machine the mean drifts with the
+        // neighbours' load, the best pass much less.
+        let (mut pass, mut best_pass) = (Instant::now(), f64::INFINITY);
         for (qi, q) in queries
             .chunks_exact(dims)
             .enumerate()
@@ -235,12 +238,17 @@ fn main() {
             st.reranked += s.reranked;
             st.pages_read += s.pages_read;
             st.refine_pages_read += s.refine_pages_read;
+            if qi + 1 == nq {
+                best_pass = best_pass.min(pass.elapsed().as_secs_f64());
+                pass = Instant::now();
+            }
         }
+        let best_q = best_pass * 1e6 / nq as f64;
         let nq = nq * repeat;
         let per_q = t.elapsed().as_secs_f64() * 1e6 / nq as f64;
         let n = nq as u64;
         println!(
-            "lists {lists} probes {probes:4}: recall@10 {:.4}  {per_q:8.1} us/query ({:.1} starting)  estimated {} refined {} reranked {} pages {} + {}",
+            "lists {lists} probes {probes:4}: recall@10 {:.4}  {per_q:8.1} us/query (best pass {best_q:.1}; {:.1} starting)  estimated {} refined {} reranked {} pages {} + {}",
             hits as f64 / (10 * nq) as f64,
             start_time * 1e6 / nq as f64,
             st.tuples_estimated / n,
