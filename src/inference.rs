@@ -59,7 +59,7 @@ pub fn queue() -> Option<Queue<'static>> {
 
 /// The devices of the workers `rsclip.inference_workers` and `rsclip.cuda_devices` ask for.
 fn devices() -> Vec<i32> {
-    // The check hook refused anything that does not parse when the server started.
+    // The check hook lets only a parsable list (or the empty default) take effect.
     let devices = settings::string(&settings::CUDA_DEVICES)
         .and_then(|s| settings::parse_cuda_devices(&s).ok())
         .unwrap_or_default();

@@ -289,8 +289,9 @@ pub fn register() {
             GucContext::Postmaster,
             GucFlags::default(),
         );
-        // A bad list is refused when the server starts (a postmaster setting has no SET that
-        // could report it later), rather than silently running the workers on the CPU.
+        // ALTER SYSTEM refuses a bad list at once. One in a config file is reported when the
+        // library loads, as Postgres' "invalid value" warning, and the default (the CPU) is
+        // kept: Postgres only warns about a custom setting it cannot apply there.
         // SAFETY: the hook is a guarded extern function with the signature Postgres calls.
         unsafe {
             GucRegistry::define_string_guc_with_hooks(
