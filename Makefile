@@ -59,8 +59,11 @@ itest: install $(if $(filter 18,$(PG)),citus)
 test: lint unit pgtest itest
 	@echo "all tests passed on PostgreSQL $(PG)"
 
+# The server users get: rsclip preloaded, encoders in the shared inference workers (one model
+# copy for every connection). INFERENCE=backend runs them in each backend instead.
+INFERENCE ?= worker
 server: install
-	@$(PY) tools/cluster.py start --pg $(PG) --name server
+	@$(PY) tools/cluster.py start --pg $(PG) --name server --set rsclip.inference=$(INFERENCE)
 
 stop:
 	@$(PY) tools/cluster.py stop --pg $(PG) --name server

@@ -9,6 +9,13 @@
 //! owns the vision session meanwhile) and the one after it decodes on other threads. The model
 //! then never waits for SQL or decoding unless those take longer than inference.
 //!
+//! In worker mode (`rsclip.inference = worker`) the same three stages run with the inference
+//! workers in place of the background model thread: a batch whose decoding is done is queued
+//! for the workers at once (its pixels copied straight into the request's DSM segment, whose
+//! mapping outlives the commits in between) and its answer is read when the procedure asks
+//! for that batch, so the workers run the next batch while this backend writes and commits.
+//! Several backfills share the workers (and their batches) through the one queue.
+//!
 //! Protocol: `prefetch` is queued; non-empty `inputs` take the oldest batch handed over (rows of
 //! it another backfill took meanwhile are left out, so the two are matched by comparing bytes;
 //! inputs without a match are encoded on the spot). A call with neither inputs nor prefetch
@@ -17,9 +24,11 @@
 use crate::datum;
 use crate::encode::{embedding_array_of, image_decode_options};
 use crate::fmgr::{arg, bytea_bytes, error, pg_function};
+use crate::inference::{self, InFlight};
 use crate::model;
 use crate::settings;
 use pgrx::{pg_sys, PgSqlErrorCode};
+use rsclip_infer::Kind;
 use rsclip_model::decode::{decode_rgb8, DecodeOptions};
 use rsclip_model::preprocess::Preprocessing;
 use rsclip_model::runtime::{with_signals_blocked, Encoder, RuntimeError};
@@ -67,7 +76,23 @@ thread_local! {
     static QUEUE: RefCell<VecDeque<Queued>> = const { RefCell::new(VecDeque::new()) };
     /// The cancel flag of the batch the model job works on.
     static JOB_CANCEL: RefCell<Option<Arc<AtomicBool>>> = const { RefCell::new(None) };
+    /// Worker mode: batches queued for the inference workers, oldest first, answers not read.
+    static SUBMITTED: RefCell<VecDeque<Submitted>> = const { RefCell::new(VecDeque::new()) };
 }
+
+/// Worker mode: a decoded batch queued for the inference workers.
+struct Submitted {
+    settings: Decoding,
+    inputs: Arc<Vec<Vec<u8>>>,
+    /// Per input: its row in the request, or why it did not decode.
+    rows: Vec<Result<usize, String>>,
+    /// None when no input decoded (nothing to run).
+    request: Option<InFlight>,
+}
+
+/// Batches queued for the workers at most, per backend: the one the procedure asks for next
+/// and the one after it, so that a worker never waits for this backend's SQL.
+const SUBMITTED_AHEAD: usize = 2;
 
 /// Decodes `images` on up to `threads` threads (no Postgres calls).
 fn decode_all<B: AsRef<[u8]> + Sync>(
@@ -167,6 +192,12 @@ unsafe extern "C-unwind" fn forget_at_abort(
                     c.store(true, Ordering::Relaxed);
                 }
             });
+            // Gives the requests up (a worker drops their answers) and detaches their segments.
+            SUBMITTED.with(|s| {
+                if let Ok(mut s) = s.try_borrow_mut() {
+                    s.clear();
+                }
+            });
         });
     }
 }
@@ -239,10 +270,145 @@ fn start_next_model_job() {
     });
 }
 
-/// Forgets every batch handed over (their threads finish on their own).
+/// Forgets every batch handed over (their threads finish on their own; requests queued for the
+/// workers are given up).
 fn forget_handed_over() {
     QUEUE.with_borrow_mut(|q| q.clear());
+    SUBMITTED.with_borrow_mut(|s| s.clear());
     model::with_model(|l, _| drop(l.join_vision::<Ahead>()));
+}
+
+/// Worker mode: waits for `queued`'s decoding and queues its decodable images for the workers,
+/// without waiting for the answer.
+fn submit_decoded(queued: Queued) -> Submitted {
+    let Queued {
+        settings,
+        inputs,
+        decoded,
+        cancel,
+    } = queued;
+    let decoded = crate::decoding::join_interruptibly(decoded, &cancel);
+    submit_pixels(settings, inputs, decoded)
+}
+
+/// Worker mode: queues the decodable ones of `decoded` (the tensors of `inputs`) for the workers.
+fn submit_pixels(
+    settings: Decoding,
+    inputs: Arc<Vec<Vec<u8>>>,
+    decoded: Vec<Decoded>,
+) -> Submitted {
+    let mut good = 0;
+    let rows: Vec<Result<usize, String>> = decoded
+        .iter()
+        .map(|d| match d {
+            Ok(_) => {
+                good += 1;
+                Ok(good - 1)
+            }
+            Err(e) => Err(e.clone()),
+        })
+        .collect();
+    let request = (good > 0).then(|| {
+        let parts: Vec<std::borrow::Cow<[u8]>> = decoded
+            .iter()
+            .flatten()
+            .map(|t| inference::f32_bytes(t))
+            .collect();
+        let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_ref()).collect();
+        let s = settings.preprocessing.image_size;
+        model::with_model(|l, _| {
+            let dim = l.model.manifest.embedding_dim;
+            inference::submit_remote(l, Kind::Vision, good, &[3, s, s], &parts, dim, true)
+        })
+    });
+    Submitted {
+        settings,
+        inputs,
+        rows,
+        request,
+    }
+}
+
+/// Worker mode: queues handed-over batches for the workers, oldest first, while fewer than
+/// [`SUBMITTED_AHEAD`] are queued and (unless `block`) the oldest has finished decoding.
+/// Batches handed over under other settings than `settings` are dropped (never used).
+fn submit_ahead(settings: &Decoding, block: bool) {
+    while SUBMITTED.with_borrow(|s| s.len()) < SUBMITTED_AHEAD {
+        let next = QUEUE.with_borrow_mut(|q| {
+            while q.front().is_some_and(|b| b.settings != *settings) {
+                q.pop_front();
+            }
+            match q.front() {
+                Some(b) if block || b.decoded.is_finished() => q.pop_front(),
+                _ => None,
+            }
+        });
+        let Some(queued) = next else { return };
+        let submitted = submit_decoded(queued);
+        SUBMITTED.with_borrow_mut(|s| s.push_back(submitted));
+    }
+}
+
+/// Worker mode: reads the answer of a queued batch; its outcomes in input order.
+fn answers(b: Submitted) -> (Arc<Vec<Vec<u8>>>, Vec<Outcome>) {
+    let embeddings = b.request.map(InFlight::wait).unwrap_or_default();
+    let dim = if b.rows.iter().any(|r| r.is_ok()) {
+        embeddings.len() / b.rows.iter().filter(|r| r.is_ok()).count()
+    } else {
+        0
+    };
+    let outcomes = b
+        .rows
+        .into_iter()
+        .map(|r| {
+            r.map(|i| {
+                let mut v = embeddings[i * dim..(i + 1) * dim].to_vec();
+                rsclip_core::normalize_in_place(&mut v);
+                v
+            })
+        })
+        .collect();
+    (b.inputs, outcomes)
+}
+
+/// Worker mode's [`take_handed_over`]: the batch queued for the workers that holds `images[0]`
+/// (older ones are given up), else the handed-over batch that does, queued now; None where
+/// nothing matched.
+fn take_submitted(images: &[&[u8]], settings: &Decoding) -> Vec<Option<Outcome>> {
+    let holds_first = |inputs: &[Vec<u8>]| inputs.iter().any(|b| b.as_slice() == images[0]);
+    let matched = |(inputs, done): (Arc<Vec<Vec<u8>>>, Vec<Outcome>)| {
+        rsclip_core::in_order::take_in_order(
+            inputs.iter().map(Vec::as_slice).zip(done).collect(),
+            images,
+        )
+    };
+    let found = SUBMITTED.with_borrow_mut(|s| {
+        let at = s
+            .iter()
+            .position(|b| b.settings == *settings && holds_first(&b.inputs))?;
+        s.drain(..at);
+        s.pop_front()
+    });
+    if let Some(b) = found {
+        // The next batch goes to the workers before this backend sleeps on this one's answer.
+        submit_ahead(settings, false);
+        return matched(answers(b));
+    }
+    let found = QUEUE.with_borrow_mut(|q| {
+        let at = q
+            .iter()
+            .position(|b| b.settings == *settings && holds_first(&b.inputs))?;
+        q.drain(..at);
+        q.pop_front()
+    });
+    if let Some(queued) = found {
+        // Everything queued for the workers is older than this batch: given up.
+        SUBMITTED.with_borrow_mut(|s| s.clear());
+        let b = submit_decoded(queued);
+        submit_ahead(settings, false);
+        return matched(answers(b));
+    }
+    vec![None; images.len()]
 }
 
 /// The outcomes of `images` from the batches handed over: the model job's batch if it holds
@@ -315,12 +481,21 @@ fn encode_image_batch(
         let queued = spawn_decoding(prefetch, threads, &settings);
         QUEUE.with_borrow_mut(|q| q.push_back(queued));
     }
+    let remote = inference::worker_mode();
     if images.is_empty() {
-        start_next_model_job();
+        if remote {
+            submit_ahead(&settings, false);
+        } else {
+            start_next_model_job();
+        }
         return Vec::new();
     }
 
-    let mut outcomes = take_handed_over(images, &settings);
+    let mut outcomes = if remote {
+        take_submitted(images, &settings)
+    } else {
+        take_handed_over(images, &settings)
+    };
 
     // What was not handed over (or came out under other settings): decode and encode it here,
     // before the model goes on with the next batch.
@@ -335,14 +510,26 @@ fn encode_image_batch(
                 .into_iter()
                 .map(|r| r.map_err(|e| e.to_string()))
                 .collect();
-        let done =
+        let done = if remote {
+            answers(submit_pixels(
+                settings.clone(),
+                Arc::new(Vec::new()),
+                decoded,
+            ))
+            .1
+        } else {
             model::with_model(|l, counts| run_decoded(l.vision(counts), decoded, pre.image_size))
-                .unwrap_or_else(|e| model::raise_runtime(e));
+                .unwrap_or_else(|e| model::raise_runtime(e))
+        };
         for (&i, o) in missing.iter().zip(done) {
             outcomes[i] = Some(o);
         }
     }
-    start_next_model_job();
+    if remote {
+        submit_ahead(&settings, false);
+    } else {
+        start_next_model_job();
+    }
 
     outcomes
         .into_iter()

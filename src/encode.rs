@@ -85,13 +85,13 @@ fn encode_images(images: &[&[u8]], labels: Option<&[usize]>) -> Vec<Vec<f32>> {
             let s = loaded.preprocessing.image_size;
             let dim = loaded.model.manifest.embedding_dim;
             let out = if inference::worker_mode() {
-                let bytes: Vec<u8> = pixels.iter().flat_map(|v| v.to_le_bytes()).collect();
+                // One copy, the pixels into the request's segment (no byte vector between).
                 inference::encode_remote(
                     loaded,
                     Encoder::Vision,
                     chunk.len(),
                     &[3, s, s],
-                    &bytes,
+                    &inference::f32_bytes(&pixels),
                     dim,
                 )
             } else {

@@ -249,18 +249,37 @@ impl Segment {
     }
 }
 
-/// Gives up the request if the caller leaves before its answer (an ERROR unwinding: a cancel,
-/// a statement timeout), so the worker drops its late answer and the slot comes back.
-struct Pending<'a> {
-    queue: Queue<'a>,
+/// A request queued for the workers whose answer is not read yet. Dropped unanswered (an ERROR
+/// unwinding: a cancel, a statement timeout; or a backfill forgetting a batch), it gives the
+/// request up, so the worker drops its late answer and the slot comes back, and detaches the
+/// request's DSM segment.
+pub struct InFlight {
+    queue: Queue<'static>,
     ticket: Option<rsclip_infer::Ticket>,
+    segment: Option<Segment>,
+    input_len: usize,
+    output_len: usize,
 }
 
-impl Drop for Pending<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(t) = self.ticket.take() {
             self.queue.cancel(t);
         }
+    }
+}
+
+/// The bytes of `v` as the workers read them (little-endian f32), without a copy on
+/// little-endian machines.
+pub fn f32_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: f32 has no padding and every byte pattern is a valid u8; the slice covers
+        // exactly the 4 · len bytes of `v` and borrows it; u8 needs no alignment.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v))
+        })
+    } else {
+        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 }
 
@@ -274,6 +293,22 @@ pub fn encode_remote(
     input: &[u8],
     dim: usize,
 ) -> Vec<f32> {
+    submit_remote(loaded, kind, rows, row_shape, &[input], dim, false).wait()
+}
+
+/// Queues `rows` rows of `kind` for `loaded`'s model (the tensor is the concatenation of
+/// `parts`, copied once, into the queue slot or a DSM segment) and returns without waiting.
+/// `keep_across_transactions` pins the segment's mapping to the session, for a request whose
+/// answer is read after the transaction commits (the backfill).
+pub fn submit_remote(
+    loaded: &Loaded,
+    kind: Kind,
+    rows: usize,
+    row_shape: &[usize],
+    parts: &[&[u8]],
+    dim: usize,
+    keep_across_transactions: bool,
+) -> InFlight {
     let Some(q) = queue() else {
         error(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -281,24 +316,34 @@ pub fn encode_remote(
         )
     };
     let path = loaded.model_dir().display().to_string();
+    let input_len: usize = parts.iter().map(|p| p.len()).sum();
     let output_len = rows * dim * 4;
-    let inline = input.len() <= INLINE_BYTES && output_len <= INLINE_BYTES;
+    let inline = input_len <= INLINE_BYTES && output_len <= INLINE_BYTES;
     let segment = (!inline).then(|| {
         // SAFETY: dsm_create raises an ERROR on failure and returns a mapped segment of the
-        // size asked; it belongs to the current resource owner until detached.
-        let seg = Segment(unsafe { pg_sys::dsm_create(input.len() + output_len, 0) });
-        seg.write(0, input);
+        // size asked; it belongs to the current resource owner until detached (or, pinned, to
+        // the session).
+        let seg = Segment(unsafe { pg_sys::dsm_create(input_len + output_len, 0) });
+        if keep_across_transactions {
+            // SAFETY: a segment of ours, attached; pinning only changes who detaches it.
+            unsafe { pg_sys::dsm_pin_mapping(seg.0) };
+        }
+        let mut at = 0;
+        for p in parts {
+            seg.write(at, p);
+            at += p.len();
+        }
         seg
     });
     let payload = match &segment {
         None => Payload::Inline {
-            input: input.len() as u64,
+            input: input_len as u64,
             output: output_len as u64,
         },
         Some(seg) => Payload::External {
             // SAFETY: a live segment of ours.
             handle: unsafe { pg_sys::dsm_segment_handle(seg.0) },
-            input: input.len() as u64,
+            input: input_len as u64,
             output: output_len as u64,
         },
     };
@@ -312,10 +357,10 @@ pub fn encode_remote(
         payload,
         enqueued_ns: now_ns(),
     };
-    let inline_input: &[u8] = if inline { input } else { &[] };
+    let inline_input: Vec<u8> = if inline { parts.concat() } else { Vec::new() };
     let started = Instant::now();
     let ticket = loop {
-        match q.submit(&request, inline_input, &Latches) {
+        match q.submit(&request, &inline_input, &Latches) {
             Ok(t) => break t,
             Err(SubmitError::Full) => {
                 // a slot frees whenever any caller reads its answer; nobody wakes us for it
@@ -339,62 +384,76 @@ pub fn encode_remote(
             ),
         }
     };
-    let mut pending = Pending {
+    InFlight {
         queue: q,
         ticket: Some(ticket),
-    };
-    let mut out = Vec::new();
-    let mut no_worker_since: Option<Instant> = None;
-    let reply: Reply = loop {
-        match q.poll(ticket, &mut out) {
-            Poll::Pending => {}
-            Poll::Done(r) => break r,
-            Poll::Failed(r) => {
-                pending.ticket = None;
+        segment,
+        input_len,
+        output_len,
+    }
+}
+
+impl InFlight {
+    /// Waits for the answer: `rows × dim` floats. Raises the worker's error if the request
+    /// failed; interruptible.
+    pub fn wait(mut self) -> Vec<f32> {
+        let q = self.queue;
+        let ticket = self.ticket.expect("a request not waited for yet");
+        let mut out = Vec::new();
+        let mut no_worker_since: Option<Instant> = None;
+        let reply: Reply = loop {
+            match q.poll(ticket, &mut out) {
+                Poll::Pending => {}
+                Poll::Done(r) => break r,
+                Poll::Failed(r) => {
+                    self.ticket = None;
+                    error(
+                        sqlstate_code(r.sqlstate.unwrap_or(*b"XX000")),
+                        if r.message.starts_with("rsclip") {
+                            r.message
+                        } else {
+                            format!("rsclip: inference worker {}: {}", r.worker, r.message)
+                        },
+                    )
+                }
+                Poll::Gone => {
+                    self.ticket = None;
+                    error(
+                        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                        "rsclip: the inference request was lost",
+                    )
+                }
+            }
+            if q.any_worker() {
+                no_worker_since = None;
+            } else if no_worker_since.get_or_insert_with(Instant::now).elapsed() > NO_WORKER_TIMEOUT
+            {
                 error(
-                    sqlstate_code(r.sqlstate.unwrap_or(*b"XX000")),
-                    if r.message.starts_with("rsclip") {
-                        r.message
-                    } else {
-                        format!("rsclip: inference worker {}: {}", r.worker, r.message)
-                    },
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "rsclip: no inference worker is running to answer this request; see the server log",
                 )
             }
-            Poll::Gone => {
-                pending.ticket = None;
-                error(
-                    PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                    "rsclip: the inference request was lost",
-                )
-            }
-        }
-        if q.any_worker() {
-            no_worker_since = None;
-        } else if no_worker_since.get_or_insert_with(Instant::now).elapsed() > NO_WORKER_TIMEOUT {
+            wait_on_latch(Duration::from_millis(1000));
+            pgrx::check_for_interrupts!();
+        };
+        self.ticket = None;
+        let _ = reply;
+        let output_len = self.output_len;
+        let bytes: &[u8] = match &self.segment {
+            None => &out,
+            Some(seg) => seg.read(self.input_len, output_len),
+        };
+        if bytes.len() != output_len {
             error(
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "rsclip: no inference worker is running to answer this request; see the server log",
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                format!(
+                    "rsclip: an inference worker answered {} bytes, not {output_len}",
+                    bytes.len()
+                ),
             )
         }
-        wait_on_latch(Duration::from_millis(1000));
-        pgrx::check_for_interrupts!();
-    };
-    pending.ticket = None;
-    let _ = reply;
-    let bytes: &[u8] = match &segment {
-        None => &out,
-        Some(seg) => seg.read(input.len(), output_len),
-    };
-    if bytes.len() != output_len {
-        error(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            format!(
-                "rsclip: an inference worker answered {} bytes, not {output_len}",
-                bytes.len()
-            ),
-        )
+        concat_le(std::iter::once(bytes), f32::from_le_bytes)
     }
-    concat_le(std::iter::once(bytes), f32::from_le_bytes)
 }
 
 /// `[{worker, running, device, starts, requests, batches, ...}]` of every worker that started.

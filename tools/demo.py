@@ -129,8 +129,16 @@ def main(uri: str):
         for rid, kind, score in rows:
             print(f"  {rid:>4}  {kind:<12} {score:>8.4f}")
         info = c.execute("SELECT rsclip_model_info()").fetchone()[0]
-        print(f"\nSessions: provider {info['provider']}, created in {info['session_create_ms']} ms, "
-              f"load counts {info['load_counts']} (reused across calls)")
+        if info["inference"] == "worker":
+            # make server: the model runs once per server, in the shared inference workers
+            workers = c.execute("SELECT count(*), sum(requests), sum(batches), sum(rows), max(max_batch_rows) "
+                                "FROM rsclip_inference_stats WHERE running").fetchone()
+            print(f"\nInference: {workers[0]} shared inference worker(s) hold the model for every "
+                  f"connection (rsclip.inference = worker); {workers[1]} requests ran as {workers[2]} "
+                  f"batches ({workers[3]} rows, largest {workers[4]}); this backend loaded no session")
+        else:
+            print(f"\nSessions: provider {info['provider']}, created in {info['session_create_ms']} ms, "
+                  f"load counts {info['load_counts']} (reused across calls)")
 
     print("""
 NOTE: the bundled model has random weights, so these rankings are meaningless. For real

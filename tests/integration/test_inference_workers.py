@@ -359,3 +359,174 @@ def test_a_reloaded_model_path_reaches_new_sessions_and_the_workers(server):
         with psycopg.connect(server.uri, autocommit=True) as admin:
             admin.execute("ALTER SYSTEM RESET rsclip.model_path")
             admin.execute("SELECT pg_reload_conf()")
+
+
+# ---- rsclip_backfill in worker mode ------------------------------------------------------
+
+BACKFILL_IMAGES = [image_bytes(n) for n in sorted(REFERENCE["images"])]
+GARBAGE = [b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40]
+
+
+def backfill_table(conn, name, n, garbage=(), slow_ms=0):
+    """`n` image rows cycling through the fixture images, then `garbage` rows; `writes` counts
+    the updates that changed `emb`."""
+    conn.execute(f"DROP TABLE IF EXISTS {name}")
+    conn.execute(f"CREATE TABLE {name} (id bigint PRIMARY KEY, img bytea, emb embedding(32), "
+                 "writes int NOT NULL DEFAULT 0)")
+    conn.execute(f"""CREATE OR REPLACE FUNCTION count_writes_{name}() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                     IF NEW.emb IS DISTINCT FROM OLD.emb THEN NEW.writes := OLD.writes + 1; END IF;
+                     IF {slow_ms} > 0 THEN PERFORM pg_sleep({slow_ms} / 1000.0); END IF;
+                     RETURN NEW;
+                 END $$""")
+    conn.execute(f"CREATE TRIGGER count_writes BEFORE UPDATE ON {name} FOR EACH ROW "
+                 f"EXECUTE FUNCTION count_writes_{name}()")
+    with conn.cursor() as cur:
+        cur.executemany(f"INSERT INTO {name} (id, img) VALUES (%s, %s)",
+                        [(i, BACKFILL_IMAGES[i % len(BACKFILL_IMAGES)]) for i in range(n)]
+                        + [(n + j, g) for j, g in enumerate(garbage)])
+    conn.execute(f"ANALYZE {name}")
+
+
+def backend_mode_embeddings(c):
+    """Each fixture image's embedding in backend mode."""
+    with connect(c) as conn:
+        conn.execute("SET rsclip.inference = backend")
+        return [vec(conn.execute("SELECT rsclip_encode_image(%s)::text", (b,)).fetchone()[0])
+                for b in BACKFILL_IMAGES]
+
+
+def assert_filled_like_backend_mode(conn, name, n, want):
+    rows = conn.execute(f"SELECT id, emb::text, writes FROM {name} WHERE id < %s ORDER BY id", (n,)).fetchall()
+    assert len(rows) == n
+    for rid, emb, writes in rows:
+        assert emb is not None, f"row {rid} was not filled"
+        assert writes == 1, f"row {rid} was written {writes} times"
+        assert np.abs(vec(emb) - want[rid % len(want)]).max() < 1e-5, f"row {rid}"
+
+
+def test_backfill_in_worker_mode_runs_in_the_workers(server):
+    want = backend_mode_embeddings(server)
+    with connect(server) as conn:
+        backfill_table(conn, "bf_worker", 45, garbage=GARBAGE)
+        before = totals(conn)
+        notices = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+        conn.execute("CALL rsclip_backfill('bf_worker', 'img', 'emb', 4)")
+        assert any("45 rows embedded" in n for n in notices), notices
+        assert_filled_like_backend_mode(conn, "bf_worker", 45, want)
+        logged = conn.execute("SELECT count(*) FROM rsclip_backfill_errors "
+                              "WHERE tbl = 'bf_worker'::regclass").fetchone()[0]
+        assert logged == len(GARBAGE)
+        # the backend never loaded a session: the rows went through the workers
+        info = conn.execute("SELECT rsclip_model_info()").fetchone()[0]
+        assert info["load_counts"]["vision"] == 0, info
+        after = totals(conn)
+        assert after["rows"] - before["rows"] >= 45
+        # batches of 4 queued two ahead: fewer requests than rows
+        assert after["requests"] - before["requests"] < 45
+
+
+def test_batches_handed_over_to_the_workers_are_matched_to_their_inputs(server):
+    """The handed-over protocol of the backfill's encoding step in worker mode: inputs take the
+    oldest queued batch that holds them (a batch whose rows another backfill took is given up,
+    dropped rows are left out), a call with neither inputs nor prefetch forgets everything, and
+    a request given up leaves no slot taken."""
+    want = backend_mode_embeddings(server)
+    imgs = BACKFILL_IMAGES
+    with connect(server) as conn:
+        def encode(inputs, prefetch):
+            emb, err = conn.execute(
+                "SELECT (r).embeddings::text[], (r).errors FROM "
+                "(SELECT rsclip_backfill_encode(%s::bytea[], 'image', %s::bytea[]) r) q",
+                (inputs, prefetch)).fetchone()
+            return [None if e is None else vec(e) for e in emb], err
+
+        def same(got, idx):
+            return len(got) == len(idx) and all(
+                (g is None and i is None) or (g is not None and i is not None
+                                              and np.abs(g - want[i]).max() < 1e-5)
+                for g, i in zip(got, idx))
+
+        assert encode([], []) == ([], [])
+        assert encode([], [imgs[0], imgs[1]]) == ([], [])
+        time.sleep(0.5)  # decoded by now: the next call queues it for the workers
+        assert encode([], [imgs[2], imgs[3]]) == ([], [])
+        # the first batch was taken whole by someone else, the second lost a row
+        got, _ = encode([imgs[3]], [imgs[1], GARBAGE[0], imgs[0]])
+        assert same(got, [3])
+        got, err = encode([imgs[1], GARBAGE[0], imgs[0]], [])
+        assert same(got, [1, None, 0]) and err[0] is None and err[1] and err[2] is None
+        # an interrupted run's batches are forgotten; inputs never handed over are encoded anyway
+        encode([], [imgs[2]])
+        time.sleep(0.5)
+        encode([], [imgs[3]])
+        encode([], [])
+        got, _ = encode([imgs[0], imgs[2]], [])
+        assert same(got, [0, 2])
+        # nothing this session gave up still holds a queue slot (6 slots: more requests than
+        # that still go through)
+        for _ in range(8):
+            assert same(encode([imgs[1]], [])[0], [1])
+
+
+def test_two_backfills_share_the_workers_and_the_rows(server):
+    want = backend_mode_embeddings(server)
+    with connect(server) as conn:
+        backfill_table(conn, "bf_shared", 120, slow_ms=1)
+    notices = [[], []]
+
+    def run(i):
+        with connect(server) as c:
+            c.add_notice_handler(lambda d: notices[i].append(d.message_primary))
+            c.execute("CALL rsclip_backfill('bf_shared', 'img', 'emb', 4)")
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done = [int(n.split()[1]) for ns in notices for n in ns if "rows embedded" in n]
+    assert sum(done) == 120 and len(done) == 2, notices
+    with connect(server) as conn:
+        assert_filled_like_backend_mode(conn, "bf_shared", 120, want)
+
+
+def test_a_worker_killed_mid_backfill_loses_no_row(server):
+    """SIGKILL of an inference worker while a backfill runs in worker mode: the server recovers
+    as from any crash, the batches committed stay, and a second CALL fills the rest, each row
+    written once and equal to backend mode's embedding."""
+    want = backend_mode_embeddings(server)
+    n = 400
+    with connect(server) as conn:
+        backfill_table(conn, "bf_kill", n, slow_ms=2)
+    errors = []
+
+    def run():
+        try:
+            with connect(server) as c:
+                c.execute("CALL rsclip_backfill('bf_kill', 'img', 'emb', 4)")
+        except psycopg.Error as e:  # the crash restart ends this session
+            errors.append(e)
+    t = threading.Thread(target=run)
+    t.start()
+    with connect(server) as conn:
+        assert wait_for(lambda: conn.execute("SELECT count(emb) FROM bf_kill").fetchone()[0] >= 40,
+                        timeout=120, step=0.02)
+        as_pg_user(["kill", "-9", str(running_workers(server)[0])])
+    t.join()
+    assert errors, "the backfill finished before the worker was killed: make it slower"
+
+    def serving():
+        try:
+            with connect(server) as c:
+                c.execute("SELECT rsclip_encode_text('back again')")
+                return True
+        except psycopg.Error:
+            return False
+    assert wait_for(serving, timeout=60, step=0.5), server_log(server)[-3000:]
+    with connect(server) as conn:
+        survived = conn.execute("SELECT count(emb) FROM bf_kill").fetchone()[0]
+        assert 40 <= survived < n
+        conn.execute("CALL rsclip_backfill('bf_kill', 'img', 'emb', 4)")
+        assert_filled_like_backend_mode(conn, "bf_kill", n, want)
+    assert wait_for(lambda: len(running_workers(server)) == WORKERS, timeout=30)
