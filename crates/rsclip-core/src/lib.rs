@@ -9,6 +9,7 @@ pub mod bits;
 pub mod distance;
 pub mod fastscan;
 pub mod in_order;
+pub mod int8;
 pub mod lru;
 pub mod text;
 

@@ -40,6 +40,7 @@ use crate::rabitq::{refine_estimate, QueryQuant, Rotation};
 use crate::{BlockNumber, Error, Metric, Result, Tid, INVALID_BLOCK};
 use rsclip_core::distance::dot;
 use rsclip_core::fastscan;
+use rsclip_core::int8;
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -76,9 +77,14 @@ pub struct ScanStats {
     pub returned: u64,
 }
 
+/// A list in the probe order. Its centroid distance is first known within `[lo, hi]` (from the
+/// 8-bit centroid codes); `dist` is the exact one once `exact` is set (then `lo == hi == dist`).
 #[derive(Clone, Copy, Debug)]
 struct ListRef {
     dist: f32,
+    lo: f32,
+    hi: f32,
+    exact: bool,
     list: u32,
     head: BlockNumber,
 }
@@ -126,6 +132,20 @@ pub struct Centroids {
     heads: Vec<BlockNumber>,
     /// `|c|²` of each (rotated) centroid.
     norms2: Vec<f32>,
+    /// The centroids as 8-bit codes (`nlists × padded_dims`), which rank them with error bounds
+    /// at a quarter of the memory traffic; exact distances are computed only for the lists
+    /// those bounds cannot place (see [`Scan::order_next_batch`]).
+    codes: Vec<i8>,
+    code_info: Vec<CodeInfo>,
+}
+
+/// What bounds a centroid's 8-bit product with a query (see [`rsclip_core::int8`]).
+#[derive(Clone, Copy, Debug)]
+struct CodeInfo {
+    scale: f32,
+    code_sum: i32,
+    error_norm: f32,
+    approx_norm: f32,
 }
 
 impl Centroids {
@@ -148,13 +168,72 @@ impl Centroids {
         )?;
         let rot = Rotation::new(d, meta.seed, meta.rounds);
         let norms2 = data.chunks_exact(d.max(1)).map(|c| dot(c, c)).collect();
+        let mut codes = Vec::with_capacity(nlists * d);
+        let mut code_info = Vec::with_capacity(nlists);
+        for c in data.chunks_exact(d.max(1)) {
+            let q = int8::quantize_symmetric(c);
+            codes.extend_from_slice(&q.codes);
+            code_info.push(CodeInfo {
+                scale: q.scale,
+                code_sum: q.code_sum,
+                error_norm: q.error_norm,
+                approx_norm: q.approx_norm,
+            });
+        }
         Ok(Centroids {
             meta,
             rot,
             data,
             heads,
             norms2,
+            codes,
+            code_info,
         })
+    }
+
+    /// Every list with the bounds of its centroid distance to the (rotated) query `q`, from the
+    /// 8-bit codes; none exact yet.
+    fn rank_bounds(&self, q: &[f32], out: &mut Vec<ListRef>) {
+        let d = self.meta.padded_dims as usize;
+        let qc = int8::quantize_query(q);
+        let q_norm2 = dot(q, q);
+        let rounding = 4.0 * (d as f32 + 8.0) * f32::EPSILON;
+        let metric = self.meta.metric;
+        out.extend(
+            self.codes
+                .chunks_exact(d.max(1))
+                .zip(&self.code_info)
+                .zip(&self.heads)
+                .enumerate()
+                .map(|(list, ((codes, info), &head))| {
+                    let raw = int8::offset_dot(&qc.codes, codes, info.code_sum);
+                    let ip = info.scale * qc.scale * raw as f32;
+                    let err = int8::product_error(info.error_norm, info.approx_norm, &qc, d);
+                    let (lo, hi) = match metric {
+                        Metric::InnerProduct | Metric::Cosine => (-ip - err, -ip + err),
+                        Metric::L2 => {
+                            // |c|² + |q|² − 2⟨c,q⟩, against the direct Σ(c−q)² it stands for.
+                            let n2 = self.norms2[list] + q_norm2;
+                            let slack = 2.0 * err + rounding * n2;
+                            (n2 - 2.0 * ip - slack, n2 - 2.0 * ip + slack)
+                        }
+                    };
+                    // A NaN bound (never from validated centroids) places nothing: exact then.
+                    let (lo, hi) = if lo <= hi {
+                        (lo, hi)
+                    } else {
+                        (f32::NEG_INFINITY, f32::INFINITY)
+                    };
+                    ListRef {
+                        dist: f32::NAN,
+                        lo,
+                        hi,
+                        exact: false,
+                        list: list as u32,
+                        head,
+                    }
+                }),
+        );
     }
 
     /// The meta page these centroids belong to.
@@ -164,7 +243,11 @@ impl Centroids {
 
     /// Heap bytes held (for callers that bound a cache).
     pub fn memory_bytes(&self) -> usize {
-        self.data.len() * 4 + self.heads.len() * 8 + std::mem::size_of::<Self>()
+        self.data.len() * 4
+            + self.heads.len() * 8
+            + self.codes.len()
+            + self.code_info.len() * std::mem::size_of::<CodeInfo>()
+            + std::mem::size_of::<Self>()
     }
 
     fn centroid(&self, list: u32) -> &[f32] {
@@ -291,25 +374,9 @@ impl Scan {
             scan.limit = 0;
             return Ok(scan);
         };
-        let d = meta.padded_dims as usize;
-        scan.order.extend(
-            centroids
-                .data
-                .chunks_exact(d)
-                .zip(&centroids.heads)
-                .enumerate()
-                .map(|(list, (c, &head))| ListRef {
-                    dist: centroid_distance(meta.metric, c, &q),
-                    list: list as u32,
-                    head,
-                }),
-        );
-        // Only the first `limit` lists can ever be probed: keep just those. They are ordered a
-        // batch at a time as the scan reaches them (most scans never go past the first batch).
-        if limit < nlists {
-            scan.order.select_nth_unstable_by(limit, list_order);
-            scan.order.truncate(limit);
-        }
+        // Bounds only: the lists are ordered exactly a batch at a time as the scan reaches them
+        // (most scans never go past the first batch).
+        centroids.rank_bounds(&q, &mut scan.order);
         scan.quant = Some(QueryQuant::new(&q));
         scan.query = q;
         Ok(scan)
@@ -397,11 +464,7 @@ impl Scan {
             return Ok(false);
         }
         let end = (self.next_list + self.probes).min(self.limit);
-        let rest = &mut self.order[self.next_list..];
-        if end - self.next_list < rest.len() {
-            rest.select_nth_unstable_by(end - self.next_list, list_order);
-        }
-        rest[..end - self.next_list].sort_unstable_by(list_order);
+        self.order_next_batch(end - self.next_list);
         let batch: Vec<ListRef> = self.order[self.next_list..end].to_vec();
         // Most estimated rows end in `deferred`: grow it once, not by doubling. The meta page's
         // count is only a hint (it may be stale or damaged): capped.
@@ -417,6 +480,40 @@ impl Scan {
         }
         self.refine_pending(rel)?;
         Ok(true)
+    }
+
+    /// Moves the `m` nearest lists not probed yet, in exact distance order, to the front of
+    /// `order[next_list..]`. Only lists whose bounds reach the `m`-th smallest upper bound can
+    /// be among them: at least `m` lists are at or below it, and every other list is above.
+    /// Their exact distances are computed (and kept for later batches); the rest stay bounds.
+    fn order_next_batch(&mut self, m: usize) {
+        let rest = &mut self.order[self.next_list..];
+        if m == 0 {
+            return;
+        }
+        let candidates = if m < rest.len() {
+            rest.select_nth_unstable_by(m - 1, |a, b| a.hi.total_cmp(&b.hi));
+            let threshold = rest[m - 1].hi;
+            let mut n = m;
+            for i in m..rest.len() {
+                if rest[i].lo <= threshold {
+                    rest.swap(i, n);
+                    n += 1;
+                }
+            }
+            &mut rest[..n]
+        } else {
+            rest
+        };
+        let metric = self.meta.metric;
+        for r in candidates.iter_mut().filter(|r| !r.exact) {
+            r.dist = centroid_distance(metric, self.centroids.centroid(r.list), &self.query);
+            (r.lo, r.hi, r.exact) = (r.dist, r.dist, true);
+        }
+        if m < candidates.len() {
+            candidates.select_nth_unstable_by(m, list_order);
+        }
+        candidates[..m].sort_unstable_by(list_order);
     }
 
     /// First pass over one list: bounds every row from its 1-bit code, a block at a time, into
@@ -943,5 +1040,98 @@ pub fn estimate_distance(
             1.0 - (cq + rc + est_value),
             1.0 - (cq + rc + est_value + est_error),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::page::memory::MemoryRelation;
+    use crate::rng::Rng;
+    use crate::{train_centroids, BuildParams, IndexBuilder};
+
+    /// An index of `n` rows around `clusters` centres (unit length for ip/cosine).
+    fn index(metric: Metric, n: usize, dims: usize, lists: u32) -> MemoryRelation {
+        let mut rng = Rng::new(3);
+        let centres: Vec<f64> = (0..40 * dims).map(|_| rng.gaussian()).collect();
+        let mut data = Vec::with_capacity(n * dims);
+        for _ in 0..n {
+            let c = rng.below(40) as usize;
+            data.extend((0..dims).map(|j| (centres[c * dims + j] + 0.7 * rng.gaussian()) as f32));
+        }
+        let rel = MemoryRelation::new();
+        let cents = train_centroids(metric, &data, dims, lists, 42, 2).unwrap();
+        let params = BuildParams {
+            dims: dims as u32,
+            metric,
+            seed: 7,
+            memory_limit_bytes: usize::MAX,
+        };
+        let mut b = IndexBuilder::new(&rel, &params, &cents).unwrap();
+        for (i, row) in data.chunks_exact(dims).enumerate() {
+            let tid = Tid {
+                block: (i / 50) as u32,
+                offset: (i % 50 + 1) as u16,
+            };
+            b.add(tid, row).unwrap();
+        }
+        b.finish().unwrap();
+        rel
+    }
+
+    /// The batches, ordered from the 8-bit bounds with exact distances only where needed, are
+    /// exactly the lists in exact centroid-distance order, a batch at a time; and most lists
+    /// never get an exact distance.
+    #[test]
+    fn batches_follow_the_exact_centroid_order() {
+        let (n, dims, lists) = (6000, 100, 400);
+        for metric in [Metric::InnerProduct, Metric::Cosine, Metric::L2] {
+            let rel = index(metric, n, dims, lists);
+            let centroids = Arc::new(Centroids::read(&rel).unwrap());
+            let mut rng = Rng::new(11);
+            for (probes, max_probes) in [(1, 0), (8, 0), (32, 100), (400, 0), (7, 23)] {
+                let q: Vec<f32> = (0..dims).map(|_| rng.gaussian() as f32).collect();
+                let mut scan =
+                    Scan::with_centroids(Arc::clone(&centroids), &q, probes, max_probes).unwrap();
+                let mut want: Vec<(f32, u32)> = (0..lists)
+                    .map(|l| {
+                        let c = centroids.centroid(l);
+                        (centroid_distance(metric, c, &scan.query), l)
+                    })
+                    .collect();
+                want.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                let mut got = Vec::new();
+                while scan.next_list < scan.limit {
+                    let end = (scan.next_list + scan.probes).min(scan.limit);
+                    scan.order_next_batch(end - scan.next_list);
+                    got.extend(
+                        scan.order[scan.next_list..end]
+                            .iter()
+                            .map(|r| (r.dist, r.list)),
+                    );
+                    scan.next_list = end;
+                    if got.len() == probes as usize {
+                        let exact = scan.order.iter().filter(|r| r.exact).count();
+                        if (probes as usize) < lists as usize {
+                            assert!(
+                                exact <= (probes as usize) * 2 + 24,
+                                "{metric:?}: {exact} exact distances for {probes} probes"
+                            );
+                        }
+                    }
+                }
+                let limit = if max_probes == 0 {
+                    lists
+                } else {
+                    max_probes.max(probes)
+                };
+                assert_eq!(got.len(), limit as usize);
+                assert_eq!(
+                    got,
+                    want[..limit as usize].to_vec(),
+                    "{metric:?} probes {probes}"
+                );
+            }
+        }
     }
 }
