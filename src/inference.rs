@@ -569,6 +569,8 @@ impl Worker {
             self.queue.go_busy(self.index);
             return;
         }
+        // What this batch left queued goes to another idle worker now, not at the next submit.
+        self.queue.wake_idle(&Latches);
         let first = now_ns();
         loop {
             let rows: u32 = batch.iter().map(|t| t.request.rows).sum();
@@ -593,19 +595,14 @@ impl Worker {
             .after_run(self.queue.queued(), started.elapsed().as_nanos() as u64);
     }
 
-    /// Waits up to `d` for more requests while holding a batch open. Latch waits have
-    /// millisecond granularity, and submitters wake only idle workers, so waits under a
-    /// millisecond look at the queue every 20 us instead.
+    /// Waits up to `d` (`rsclip.batch_wait`, a few milliseconds) for another submission while
+    /// holding a batch open, looking every 20 us. The worker stays busy meanwhile: marked idle,
+    /// it would take the wake-up of a request it cannot batch (another kind or model) from a
+    /// worker that is truly idle, and that request would wait for a latch timeout.
     fn wait_for_more(&self, d: Duration) {
-        if d >= Duration::from_millis(1) {
-            if self.queue.go_idle(self.index) {
-                wait_on_latch(d);
-            }
-            self.queue.go_busy(self.index);
-            return;
-        }
         let end = Instant::now() + d;
-        while Instant::now() < end && self.queue.queued() == 0 {
+        let seen = self.queue.submissions();
+        while Instant::now() < end && self.queue.submissions() == seen && !shutting_down() {
             std::thread::sleep(Duration::from_micros(20));
         }
     }

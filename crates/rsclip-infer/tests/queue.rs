@@ -281,6 +281,69 @@ fn batches_group_compatible_requests_oldest_first_within_the_row_limit() {
     assert_eq!(tickets(&q.take_batch(0, 10, 0)), vec![h]);
 }
 
+/// With several workers, a new batch takes its share of the oldest request's group, so that
+/// the other workers get the rest instead of idling while one batch runs alone.
+#[test]
+fn a_new_batch_leaves_the_other_workers_their_share() {
+    let region = OwnedRegion::new(16);
+    let q = region.queue();
+    let submit = |owner: u32, kind: Kind| {
+        let (mut r, inp) = text_request(owner, 1, 1, 8);
+        r.kind = kind;
+        q.submit(&r, &inp, &NoWake).unwrap()
+    };
+    let rows = |batch: &[rsclip_infer::TakenRequest]| -> u32 {
+        batch.iter().map(|t| t.request.rows).sum()
+    };
+    q.register_worker(0, 0, -1, &NoWake);
+    q.register_worker(1, 1, -1, &NoWake);
+    for i in 0..5 {
+        submit(i, Kind::Vision);
+        submit(100 + i, Kind::Text);
+    }
+    // five images queued (and five texts, another group): ceil(5 / 2) each
+    let first = q.take_batch(0, 32, 0);
+    assert!(first.iter().all(|t| t.request.kind == Kind::Vision));
+    assert_eq!(rows(&first), 3);
+    let second = q.take_batch(1, 32, 0);
+    assert_eq!(second[0].request.kind, Kind::Text);
+    assert_eq!(rows(&second), 3); // five texts: ceil(5 / 2)
+                                  // one worker alone takes everything of a group, up to the row limit
+    q.unregister_worker(1);
+    assert_eq!(rows(&q.take_batch(0, 32, 0)), 2);
+    assert_eq!(rows(&q.take_batch(0, 32, 0)), 2);
+    assert_eq!(q.queued(), 0);
+}
+
+/// A worker that leaves requests queued wakes an idle one for them (once per idle worker), and
+/// the submission counter tells a worker holding a batch open that something arrived.
+#[test]
+fn what_a_worker_leaves_queued_is_passed_on_to_an_idle_one() {
+    let region = OwnedRegion::new(8);
+    let q = region.queue();
+    let latches = Latches::new(2);
+    q.register_worker(0, 0, -1, &NoWake);
+    q.register_worker(1, 1, -1, &NoWake);
+    assert!(q.go_idle(0) && q.go_idle(1));
+    q.wake_idle(&latches); // nothing queued: nobody woken
+    assert_eq!(latches.wakes.load(Ordering::Relaxed), 0);
+    let seen = q.submissions();
+    let (r, inp) = text_request(1, 1, 1, 8);
+    // its wake-up goes to one of the idle workers (and is lost here)
+    q.submit(&r, &inp, &NoWake).unwrap();
+    assert_eq!(q.submissions(), seen + 1);
+    // the woken one takes nothing it can use (say): the other idle worker gets the request
+    q.wake_idle(&latches);
+    assert_eq!(latches.wakes.load(Ordering::Relaxed), 1);
+    let woken = (0..2u32)
+        .filter(|&w| latches.wait(w, Duration::from_millis(1)))
+        .count();
+    assert_eq!(woken, 1);
+    // nobody is idle any more: nobody else is woken
+    q.wake_idle(&latches);
+    assert_eq!(latches.wakes.load(Ordering::Relaxed), 1);
+}
+
 #[test]
 fn cancelled_requests_are_never_answered_and_free_their_slots() {
     let region = OwnedRegion::new(4);
