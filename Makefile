@@ -109,7 +109,7 @@ bench-concurrency: install $(if $(filter git-rsclip-base,$(CONC_MODEL)),base-mod
 	@$(PY) tools/cluster.py start --pg 18 --name benchconc --port 25519 --set max_connections=100 \
 	  --set rsclip.inference_workers=2 >/dev/null
 	@$(PY) bench/concurrency.py --uri postgresql://postgres@127.0.0.1:25519/postgres \
-	  $(if $(filter git-rsclip-base,$(CONC_MODEL)),--model-path "$$RSCLIP_LOCAL/models/git-rsclip-base-random") $(CONC_ARGS)
+	  $(if $(filter git-rsclip-base,$(CONC_MODEL)),--model-path "$$RSCLIP_LOCAL/models/git-rsclip-base-random" --backend-max-connections 8) $(CONC_ARGS)
 
 # Text-query latency through the result cache: uncached, LRU hit, table hit (p50/p99).
 bench-cache: install
@@ -120,7 +120,8 @@ bench-cache: install
 # BACKFILL_MODEL=git-rsclip-base runs it on the real architecture (random weights), e.g.
 #   make bench-backfill BACKFILL_MODEL=git-rsclip-base BACKFILL_ROWS=1000 BACKFILL_BATCH=16 BACKFILL_THREADS=2 BACKFILL_REPEAT=1
 bench-backfill: install $(if $(filter git-rsclip-base,$(BACKFILL_MODEL)),base-model)
-	@$(PY) tools/cluster.py start --pg 18 --name bench --port 25518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) >/dev/null
+	@$(PY) tools/cluster.py start --pg 18 --name bench --port 25518 --set shared_buffers=$(BENCH_SHARED_BUFFERS) \
+	  --set rsclip.intra_op_threads=$(BACKFILL_THREADS) >/dev/null
 	@$(PY) bench/backfill.py --uri postgresql://postgres@127.0.0.1:25518/postgres --rows $(BACKFILL_ROWS) \
 	  --batch $(BACKFILL_BATCH) --threads $(BACKFILL_THREADS) --repeat $(BACKFILL_REPEAT) \
 	  $(if $(filter git-rsclip-base,$(BACKFILL_MODEL)),--model-path "$$RSCLIP_LOCAL/models/git-rsclip-base-random")

@@ -8,9 +8,12 @@ and measures rows/s of:
              of `--batch`, `--threads` intra-op threads: the limit (no decoding, no database)
   backfill   CALL rsclip_backfill(..., batch_size => --batch) with rsclip.intra_op_threads =
              --threads (decoding PNGs inside the server, writing and committing every batch)
+  worker     the same CALL with rsclip.inference = worker: the model runs in the server's shared
+             inference workers (the server must preload rsclip with rsclip.intra_op_threads =
+             --threads for equal threads; skipped when no worker runs)
   per-row    UPDATE t SET emb = rsclip_encode_image(img) on a tenth of the rows (same session and
              rsclip.intra_op_threads, result cache off)
-Target: backfill >= 0.9x bare. Runs on the server's rsclip.model_path unless --model-path is given
+Target: backfill >= 0.9x bare, in both modes. Runs on the server's rsclip.model_path unless --model-path is given
 (e.g. the git-rsclip-base random-weight export of `make bench-encode`).
 
     bench/backfill.py --uri postgresql://... [--rows 10000] [--batch 32] [--threads 1] [--repeat 3]
@@ -94,7 +97,15 @@ def main():
         c.execute("SET rsclip.cache = off")  # the per-row pipeline must encode, not hit earlier runs' rows
         c.execute("SELECT rsclip_encode_image(img) FROM bench_backfill LIMIT 1")  # load the session
 
-        def run_backfill():
+        workers = c.execute("SELECT count(*) FROM rsclip_inference_stats WHERE running").fetchone()[0]
+        if workers:
+            # the workers load their session before the clock starts, as the backend's did
+            c.execute("SET rsclip.inference = worker")
+            c.execute("SELECT rsclip_encode_image(img) FROM bench_backfill LIMIT 1")
+            c.execute("SET rsclip.inference = backend")
+
+        def run_backfill(mode="backend"):
+            c.execute("SELECT set_config('rsclip.inference', %s, false)", (mode,))
             c.execute("UPDATE bench_backfill SET emb = NULL WHERE emb IS NOT NULL")
             c.execute("VACUUM bench_backfill")
             t = time.perf_counter()
@@ -102,13 +113,16 @@ def main():
             rate = a.rows / (time.perf_counter() - t)
             filled = c.execute("SELECT count(emb) FROM bench_backfill").fetchone()[0]
             assert filled == a.rows, f"backfill filled {filled} of {a.rows}"
+            c.execute("SET rsclip.inference = backend")
             return rate
 
         # alternate the two, so that both see the same spells of noise on a shared machine
-        bares, backfills = [], []
+        bares, backfills, worker_runs = [], [], []
         for _ in range(a.repeat):
             bares.append(run_bare())
             backfills.append(run_backfill())
+            if workers:
+                worker_runs.append(run_backfill("worker"))
         bare, backfill = statistics.median(bares), statistics.median(backfills)
         del tensors, batches
 
@@ -121,6 +135,12 @@ def main():
     runs = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
     print(f"bare session.run   {bare:10.1f} rows/s   (median of {runs(bares)})")
     print(f"rsclip_backfill    {backfill:10.1f} rows/s   {backfill / bare:.2f}x bare (target >= 0.9)   (median of {runs(backfills)})")
+    if worker_runs:
+        w = statistics.median(worker_runs)
+        print(f"  in worker mode   {w:10.1f} rows/s   {w / bare:.2f}x bare, {w / backfill:.2f}x backend mode   "
+              f"(median of {runs(worker_runs)}; {workers} inference worker(s))")
+    else:
+        print("  in worker mode   not run: no inference worker runs on this server")
     print(f"per-row UPDATE     {per_row:10.1f} rows/s   backfill is {backfill / per_row:.2f}x per-row")
     print(f"per-row and backfill embeddings identical for {same} of {subset} rows")
 

@@ -22,6 +22,11 @@ server's OS user or root (it reads /proc of the server's processes).
 
     bench/concurrency.py --uri postgresql://... [--model-path DIR] [--connections 1,8,32]
                          [--clients 1,2,8,32] [--seconds 10] [--calls 300]
+                         [--backend-max-connections N]
+
+--backend-max-connections caps backend mode (each backend loads its own model: with the
+git-rsclip-base shape about 940 MB, so 32 of them do not fit a 24 GB machine); the points above
+the cap are reported as not run, with the memory they would need.
 """
 import argparse
 import json
@@ -175,7 +180,10 @@ def main():
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--images", action="store_true", help="clients encode an image after each text")
+    ap.add_argument("--backend-max-connections", type=int, default=0,
+                    help="run backend mode at most at this many connections/clients (0: no cap)")
     a = ap.parse_args()
+    cap = a.backend_max_connections or 1 << 30
     image = some_image()
     with psycopg.connect(a.uri, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS rsclip")
@@ -195,6 +203,14 @@ def main():
     for mode in ("backend", "worker"):
         results["memory"][mode] = []
         for n in [int(x) for x in a.connections.split(",")]:
+            if mode == "backend" and n > cap:
+                per = results["memory"]["backend"][-1]["backend_added_private_mb_mean"] \
+                    if results["memory"]["backend"] else float("nan")
+                results["memory"][mode].append({"connections": n, "skipped": True,
+                                                "would_need_mb": per * n})
+                print(f"{mode:8} {n:5}   not run (above --backend-max-connections {cap}): "
+                      f"about {per * n:.0f} MB of backend memory")
+                continue
             m = memory(a.uri, mode, n, a.model_path, image)
             results["memory"][mode].append(m)
             print(f"{mode:8} {n:5} {m['backend_added_private_mb_mean']:17.1f} "
@@ -203,13 +219,15 @@ def main():
     print(f"\nthroughput ({a.seconds:g} s per point, uncached {'texts and images' if a.images else 'texts'})")
     print(f"{'clients':>7} {'backend req/s':>14} {'worker req/s':>13} {'ratio':>6} {'mean batch':>11}")
     for c in [int(x) for x in a.clients.split(",")]:
-        b = throughput(a.uri, "backend", c, a.seconds, a.model_path, a.images and image)
+        b = throughput(a.uri, "backend", c, a.seconds, a.model_path, a.images and image) \
+            if c <= cap else None
         w = throughput(a.uri, "worker", c, a.seconds, a.model_path, a.images and image)
-        results["throughput"][c] = {"backend": b, "worker": w,
-                                    "ratio": w["requests_per_s"] / b["requests_per_s"]}
+        ratio = w["requests_per_s"] / b["requests_per_s"] if b else None
+        results["throughput"][c] = {"backend": b, "worker": w, "ratio": ratio}
         mb = w.get("mean_batch_rows")
-        print(f"{c:7} {b['requests_per_s']:14.1f} {w['requests_per_s']:13.1f} "
-              f"{w['requests_per_s'] / b['requests_per_s']:6.2f} {mb if mb is None else round(mb, 2):>11}")
+        print(f"{c:7} {b['requests_per_s'] if b else float('nan'):14.1f} {w['requests_per_s']:13.1f} "
+              f"{ratio if ratio else float('nan'):6.2f} {mb if mb is None else round(mb, 2):>11}"
+              + ("" if b else f"   (backend mode not run above {cap} clients)"))
     print(f"\nlone text latency ({a.calls} uncached calls, timed in the server)")
     for mode in ("backend", "worker"):
         results["latency"][mode] = latency(a.uri, mode, a.calls, a.model_path)
