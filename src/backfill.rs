@@ -371,6 +371,15 @@ fn answers(b: Submitted) -> (Arc<Vec<Vec<u8>>>, Vec<Outcome>) {
     (b.inputs, outcomes)
 }
 
+/// Removes and returns the oldest batch of `batches` that `wanted` accepts, dropping the older
+/// ones (the procedure skips a batch when another backfill took all its rows); leaves the
+/// deque as it is when none does.
+fn take_first<T>(batches: &mut VecDeque<T>, wanted: impl Fn(&T) -> bool) -> Option<T> {
+    let at = batches.iter().position(wanted)?;
+    batches.drain(..at);
+    batches.pop_front()
+}
+
 /// Worker mode's [`take_handed_over`]: the batch queued for the workers that holds `images[0]`
 /// (older ones are given up), else the handed-over batch that does, queued now; None where
 /// nothing matched.
@@ -382,25 +391,15 @@ fn take_submitted(images: &[&[u8]], settings: &Decoding) -> Vec<Option<Outcome>>
             images,
         )
     };
-    let found = SUBMITTED.with_borrow_mut(|s| {
-        let at = s
-            .iter()
-            .position(|b| b.settings == *settings && holds_first(&b.inputs))?;
-        s.drain(..at);
-        s.pop_front()
-    });
+    let found = SUBMITTED
+        .with_borrow_mut(|s| take_first(s, |b| b.settings == *settings && holds_first(&b.inputs)));
     if let Some(b) = found {
         // The next batch goes to the workers before this backend sleeps on this one's answer.
         submit_ahead(settings, false);
         return matched(answers(b));
     }
-    let found = QUEUE.with_borrow_mut(|q| {
-        let at = q
-            .iter()
-            .position(|b| b.settings == *settings && holds_first(&b.inputs))?;
-        q.drain(..at);
-        q.pop_front()
-    });
+    let found = QUEUE
+        .with_borrow_mut(|q| take_first(q, |b| b.settings == *settings && holds_first(&b.inputs)));
     if let Some(queued) = found {
         // Everything queued for the workers is older than this batch: given up.
         SUBMITTED.with_borrow_mut(|s| s.clear());
@@ -433,13 +432,8 @@ fn take_handed_over(images: &[&[u8]], settings: &Decoding) -> Vec<Option<Outcome
             return matched(&inputs, done);
         }
     }
-    let found = QUEUE.with_borrow_mut(|q| {
-        let at = q
-            .iter()
-            .position(|b| b.settings == *settings && holds_first(&b.inputs))?;
-        q.drain(..at);
-        q.pop_front()
-    });
+    let found = QUEUE
+        .with_borrow_mut(|q| take_first(q, |b| b.settings == *settings && holds_first(&b.inputs)));
     if let Some(Queued {
         inputs,
         decoded,

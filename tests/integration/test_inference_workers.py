@@ -19,6 +19,7 @@ import pytest
 
 from clusters import as_pg_user, db_uri, fresh_cluster, server_log, wait_for
 from conftest import PG_MAJOR
+from test_backfill import make_table
 
 PORT = 25540 + int(PG_MAJOR) % 10 * 2
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -68,6 +69,16 @@ def running_workers(c):
     ps = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", postmaster],
                         capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in ps.splitlines() if "rsclip inference worker" in line]
+
+
+def serving(c):
+    """Whether the server answers an encode again (after a crash restart)."""
+    try:
+        with connect(c) as conn:
+            conn.execute("SELECT rsclip_encode_text('back again')")
+            return True
+    except psycopg.Error:
+        return False
 
 
 def stats(conn):
@@ -279,15 +290,7 @@ def test_a_killed_worker_makes_the_server_recover_and_serve_again(server):
     victim = running_workers(server)[0]
     as_pg_user(["kill", "-9", str(victim)])
     # the postmaster treats it as a crash: every backend restarts, then the workers come back
-
-    def serving():
-        try:
-            with connect(server) as conn:
-                conn.execute("SELECT rsclip_encode_text('back again')")
-                return True
-        except psycopg.Error:
-            return False
-    assert wait_for(serving, timeout=60, step=0.5), server_log(server)[-3000:]
+    assert wait_for(lambda: serving(server), timeout=60, step=0.5), server_log(server)[-3000:]
     assert wait_for(lambda: len(running_workers(server)) == WORKERS, timeout=30)
     assert victim not in running_workers(server)
     assert "rsclip inference worker" in server_log(server)
@@ -363,29 +366,10 @@ def test_a_reloaded_model_path_reaches_new_sessions_and_the_workers(server):
 
 # ---- rsclip_backfill in worker mode ------------------------------------------------------
 
+# make_table(conn, name, n, garbage=(), nulls=0, slow_ms=0): n rows cycling through the fixture
+# images (sorted by name), then the garbage rows; `writes` counts the updates that changed emb
 BACKFILL_IMAGES = [image_bytes(n) for n in sorted(REFERENCE["images"])]
 GARBAGE = [b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40]
-
-
-def backfill_table(conn, name, n, garbage=(), slow_ms=0):
-    """`n` image rows cycling through the fixture images, then `garbage` rows; `writes` counts
-    the updates that changed `emb`."""
-    conn.execute(f"DROP TABLE IF EXISTS {name}")
-    conn.execute(f"CREATE TABLE {name} (id bigint PRIMARY KEY, img bytea, emb embedding(32), "
-                 "writes int NOT NULL DEFAULT 0)")
-    conn.execute(f"""CREATE OR REPLACE FUNCTION count_writes_{name}() RETURNS trigger LANGUAGE plpgsql AS $$
-                 BEGIN
-                     IF NEW.emb IS DISTINCT FROM OLD.emb THEN NEW.writes := OLD.writes + 1; END IF;
-                     IF {slow_ms} > 0 THEN PERFORM pg_sleep({slow_ms} / 1000.0); END IF;
-                     RETURN NEW;
-                 END $$""")
-    conn.execute(f"CREATE TRIGGER count_writes BEFORE UPDATE ON {name} FOR EACH ROW "
-                 f"EXECUTE FUNCTION count_writes_{name}()")
-    with conn.cursor() as cur:
-        cur.executemany(f"INSERT INTO {name} (id, img) VALUES (%s, %s)",
-                        [(i, BACKFILL_IMAGES[i % len(BACKFILL_IMAGES)]) for i in range(n)]
-                        + [(n + j, g) for j, g in enumerate(garbage)])
-    conn.execute(f"ANALYZE {name}")
 
 
 def backend_mode_embeddings(c):
@@ -408,7 +392,7 @@ def assert_filled_like_backend_mode(conn, name, n, want):
 def test_backfill_in_worker_mode_runs_in_the_workers(server):
     want = backend_mode_embeddings(server)
     with connect(server) as conn:
-        backfill_table(conn, "bf_worker", 45, garbage=GARBAGE)
+        make_table(conn, "bf_worker", 45, garbage=GARBAGE)
         before = totals(conn)
         notices = []
         conn.add_notice_handler(lambda d: notices.append(d.message_primary))
@@ -473,7 +457,7 @@ def test_batches_handed_over_to_the_workers_are_matched_to_their_inputs(server):
 def test_two_backfills_share_the_workers_and_the_rows(server):
     want = backend_mode_embeddings(server)
     with connect(server) as conn:
-        backfill_table(conn, "bf_shared", 120, slow_ms=1)
+        make_table(conn, "bf_shared", 120, slow_ms=1)
     notices = [[], []]
 
     def run(i):
@@ -498,7 +482,7 @@ def test_a_worker_killed_mid_backfill_loses_no_row(server):
     want = backend_mode_embeddings(server)
     n = 400
     with connect(server) as conn:
-        backfill_table(conn, "bf_kill", n, slow_ms=2)
+        make_table(conn, "bf_kill", n, slow_ms=2)
     errors = []
 
     def run():
@@ -515,15 +499,7 @@ def test_a_worker_killed_mid_backfill_loses_no_row(server):
         as_pg_user(["kill", "-9", str(running_workers(server)[0])])
     t.join()
     assert errors, "the backfill finished before the worker was killed: make it slower"
-
-    def serving():
-        try:
-            with connect(server) as c:
-                c.execute("SELECT rsclip_encode_text('back again')")
-                return True
-        except psycopg.Error:
-            return False
-    assert wait_for(serving, timeout=60, step=0.5), server_log(server)[-3000:]
+    assert wait_for(lambda: serving(server), timeout=60, step=0.5), server_log(server)[-3000:]
     with connect(server) as conn:
         survived = conn.execute("SELECT count(emb) FROM bf_kill").fetchone()[0]
         assert 40 <= survived < n
