@@ -193,9 +193,11 @@ def main():
         model = conn.execute("SELECT rsclip_model_info()->>'model_path'").fetchone()[0]
         threads = conn.execute("SHOW rsclip.intra_op_threads").fetchone()[0]
         nworkers = len(worker_pids(conn))
-    print(f"model {a.model_path or model}; {nworkers} inference workers; intra_op_threads {threads}; "
+    # Recorded relative to the checkout (results are committed; absolute paths are this machine's).
+    shown = os.path.relpath(a.model_path or model, ROOT)
+    print(f"model {shown}; {nworkers} inference workers; intra_op_threads {threads}; "
           f"{os.cpu_count()} CPUs")
-    results = {"model": a.model_path or model, "workers": nworkers, "memory": {}, "throughput": {},
+    results = {"model": shown, "workers": nworkers, "memory": {}, "throughput": {},
                "latency": {}}
     print("\nmemory (each connection has encoded one text and one image)")
     print(f"{'mode':8} {'conns':>5} {'added/backend MB':>17} {'max':>7} {'backends PSS MB':>16} "
