@@ -352,11 +352,8 @@ fn submit_ahead(settings: &Decoding, block: bool) {
 /// Worker mode: reads the answer of a queued batch; its outcomes in input order.
 fn answers(b: Submitted) -> (Arc<Vec<Vec<u8>>>, Vec<Outcome>) {
     let embeddings = b.request.map(InFlight::wait).unwrap_or_default();
-    let dim = if b.rows.iter().any(|r| r.is_ok()) {
-        embeddings.len() / b.rows.iter().filter(|r| r.is_ok()).count()
-    } else {
-        0
-    };
+    let good = b.rows.iter().filter(|r| r.is_ok()).count();
+    let dim = embeddings.len() / good.max(1);
     let outcomes = b
         .rows
         .into_iter()
